@@ -1,0 +1,29 @@
+# make demo | make test | make bench -- each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The registry's torch, never a local CPU-only wheel that torchvision can't load against.
+PIP := PIP_FIND_LINKS= $(BIN)/python -m pip
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/longcap run configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,286 @@
+"""Run configuration: pydantic models over YAML, with dotted CLI overrides.
+
+One config fully describes a run. Everything is validated before any work
+starts; errors name the key and, where it helps, the allowed values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("download", "captions")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every bad key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Strict):
+    dir: str = Field(description="run directory: a local path or any fsspec URL")
+    seed: int = 0
+    shard_size: int = Field(1000, ge=1, le=1_000_000, description="input rows per shard")
+    stages: list[Literal[STAGES]] = list(STAGES)  # type: ignore[valid-type]
+
+
+class RaySection(Strict):
+    address: Optional[str] = Field(None, description="None: start Ray locally; 'auto' or 'ray://host:10001': join a cluster")
+    num_cpus: Optional[int] = Field(None, ge=1, description="local Ray only")
+    num_gpus: Optional[int] = Field(None, ge=0, description="local Ray only")
+    runtime_env: Optional[dict[str, Any]] = None
+    shard_retries: int = Field(2, ge=0, description="extra attempts for a shard whose task fails")
+    download_tasks: Optional[int] = Field(None, ge=1, description="download shards in flight (default: CPUs)")
+
+
+class SyntheticSection(Strict):
+    families: int = Field(12, ge=1)
+    variants: int = Field(3, ge=1, le=8)
+    image_size: int = Field(256, ge=96, le=2048)
+    seed: int = 0
+    broken: bool = Field(True, description="add a 404, a non-image and a truncated JPEG to the URL list")
+
+
+class InputSection(Strict):
+    urls: list[str] = Field(default_factory=list, description="URL list files (parquet, csv, tsv, jsonl, txt)")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = "auto"
+    url_col: str = "url"
+    caption_cols: list[str] = Field(default_factory=list, description="caption columns carried through")
+    extra_cols: list[str] = Field(default_factory=list, description="other columns carried through")
+    base_url: Optional[str] = Field(None, description="relative URLs are resolved against this")
+    serve_dir: Optional[str] = Field(None, description="serve this folder on 127.0.0.1 during download; relative URLs point there")
+    synthetic: Optional[SyntheticSection] = Field(None, description="generate the synthetic world in <run>/synth and serve it")
+
+    @field_validator("urls", "caption_cols", "extra_cols", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.synthetic is None and not self.urls:
+            raise ValueError("set input.urls (URL list files) or input.synthetic")
+        if self.synthetic is not None and self.urls:
+            raise ValueError("input.urls and input.synthetic are exclusive: pick one")
+        return self
+
+
+class DownloadSection(Strict):
+    image_size: int = Field(384, ge=16)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    threads: int = Field(32, ge=1, le=1024, description="HTTP threads per shard")
+    timeout: float = Field(10, gt=0, description="seconds per request")
+    retries: int = Field(0, ge=0)
+    min_image_size: int = Field(0, ge=0)
+    max_image_area: float = Field(89_478_485, gt=0, description="pixel limit, checked from the header before decoding")
+    max_aspect_ratio: float = Field(math.inf, gt=0)
+    user_agent_token: Optional[str] = None
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+
+
+class CaptionerSection(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    backend: Literal["source"]
+    columns: list[str] = Field(default_factory=list, description="source: input caption columns (default: all of input.caption_cols)")
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class Config(Strict):
+    run: RunSection
+    ray: RaySection = Field(default_factory=RaySection)
+    input: InputSection
+    download: DownloadSection = Field(default_factory=DownloadSection)
+    captioners: list[CaptionerSection] = Field(default_factory=lambda: [CaptionerSection(name="source", backend="source")])
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [c.name for c in self.captioners]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"captioners: duplicate names {dupes}")
+        for c in self.captioners:
+            missing = [col for col in c.columns if col not in self.input.caption_cols]
+            if c.backend == "source" and missing and self.input.synthetic is None:
+                raise ValueError(
+                    f"captioners[{c.name}].columns {missing} are not in input.caption_cols {self.input.caption_cols}"
+                )
+        return self
+
+    def caption_columns(self) -> list[str]:
+        """Input caption columns (the synthetic world has one: 'caption')."""
+        return ["caption"] if self.input.synthetic is not None else list(self.input.caption_cols)
+
+    def extra_columns(self) -> list[str]:
+        return ["id", "family", "variant", "split"] if self.input.synthetic is not None else list(self.input.extra_cols)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'download.timeout=5' -> (['download', 'timeout'], 5); values are YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, _, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return parts, value
+
+
+def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {where} is not a section")
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, ".".join(parts))] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {'.'.join(parts)}: parent is not a section")
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {where}: index {part!r} out of range (list has {len(node)} items)")
+    return int(part)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> Config:
+    """Read YAML (or take `data`), apply overrides, validate, check files exist."""
+    if data is None:
+        text = _read_text(str(path))
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source=str(path or "config"))) from None
+    check_files(cfg)
+    return cfg
+
+
+def _read_text(path: str) -> str:
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot read ({e})") from None
+
+
+def check_files(cfg: Config) -> None:
+    missing = []
+    for i, url in enumerate(cfg.input.urls):
+        fs, p = fsspec.core.url_to_fs(url)
+        if not fs.exists(p):
+            missing.append(f"input.urls[{i}]: file not found: {url}")
+    if cfg.input.serve_dir and not Path(cfg.input.serve_dir).is_dir():
+        missing.append(f"input.serve_dir: folder not found: {cfg.input.serve_dir}")
+    if missing:
+        raise ConfigError("config refers to missing files:\n  " + "\n  ".join(missing))
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"unknown key {loc!r}{hint}; allowed keys here: {', '.join(allowed)}")
+        elif kind == "missing":
+            lines.append(f"missing required key {loc!r}")
+        else:
+            got = e.get("input")
+            got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"{loc or '<top>'}: {e['msg']} (got {got_s[:80]})")
+    return f"invalid {source}:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def _model_of(annotation) -> Optional[type]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# Keys that change how a run executes, not what it produces.
+EXECUTION_KEYS = ("ray", "run.stages", "download.threads")
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two config dicts, ignoring execution keys."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        if any(path == k or path.startswith(k + ".") for k in EXECUTION_KEYS):
+            continue
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_diff(a, b, path + "."))
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out

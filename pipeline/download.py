@@ -1,0 +1,188 @@
+"""Download stage: one shard of a URL list -> images/<shard>.tar (+ .parquet, _stats.json) via img2dataset.
+
+img2dataset's Downloader does the fetching, resizing and writing into a
+staging folder. longcap then (1) checks every image with a pixel limit read
+from the header before any decode and a strict full decode (truncated files
+fail), (2) puts the URL as given in the list back (relative URLs are fetched
+against a base URL), (3) orders rows and tar members by key so a rerun gives
+the same bytes, and (4) commits tar, stats and parquet by rename, parquet last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+import urllib.parse
+import uuid
+from collections import Counter
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
+
+import fsspec  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from .records import download_reason  # noqa: E402
+from .storage import atomic_write_bytes, atomic_write_table, tmp_name  # noqa: E402
+
+SHARD_DIGITS = 5  # img2dataset's oom_shard_count
+RESERVED = {"key", "url", "width", "height", "original_width", "original_height", "status",
+            "error_message", "exif", "md5", "sha256", "sha512"}
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:0{SHARD_DIGITS}d}"
+
+
+def key_digits(shard_size: int) -> int:
+    """Digits img2dataset gives the row index inside a key."""
+    return math.ceil(math.log10(shard_size)) if shard_size > 1 else 0
+
+
+def make_key(shard_id: int, index: int, shard_size: int) -> str:
+    k = key_digits(shard_size)
+    return f"{shard_id * 10**k + index:0{SHARD_DIGITS + k}d}"
+
+
+def check_image(stream, max_pixels: float) -> str | None:
+    """None if the bytes are a complete image within the pixel limit, else the reason."""
+    try:
+        with Image.open(stream) as im:  # header only
+            w, h = im.size
+            if w * h > max_pixels:
+                return f"pixel limit: {w}x{h} = {w * h} pixels > {int(max_pixels)}"
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: cheap reduced decode, still reads every byte
+            im.load()
+    except Image.DecompressionBombError as e:
+        return f"pixel limit: {e}"
+    except UnidentifiedImageError:
+        return "not an image: cannot identify image file"
+    except (OSError, SyntaxError, ValueError) as e:
+        if "truncated" in str(e) or "broken data stream" in str(e):
+            return f"truncated image: {e}"
+        return f"decode error: {e}"
+    return None
+
+
+class CheckedResizer:
+    """img2dataset's Resizer behind longcap's image check."""
+
+    def __init__(self, resizer, max_pixels: float):
+        self.resizer, self.max_pixels = resizer, max_pixels
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        error = check_image(img_stream, self.max_pixels)
+        if error is not None:
+            return None, None, None, None, None, error
+        img_stream.seek(0)
+        return self.resizer(img_stream, blurring_bbox_list)
+
+
+def resolve(url: str, base_url: str | None) -> str:
+    if base_url and "://" not in url:
+        return urllib.parse.urljoin(base_url.rstrip("/") + "/", url.lstrip("/"))
+    return url
+
+
+def plan_shards(table: pa.Table, shard_size: int) -> list[pa.Table]:
+    return [table.slice(i, shard_size) for i in range(0, max(table.num_rows, 1), shard_size) if i < table.num_rows]
+
+
+def download_shard(shard_id: int, rows: pa.Table, images_dir: str, cfg, shard_size: int,
+                   base_url: str | None = None) -> dict:
+    """Download one shard; returns {'rows', 'ok', 'reasons'}. Raises if img2dataset fails the shard."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    bad = sorted(RESERVED & set(rows.column_names) - {"url"})
+    if bad:
+        raise ValueError(f"input columns {bad} clash with img2dataset's own columns; rename them")
+    given = [u if u is not None else "" for u in rows["url"].to_pylist()]
+    fetch = pa.array([resolve(u, base_url) for u in given], pa.string())
+    rows = rows.set_column(rows.column_names.index("url"), "url", fetch)
+
+    name = shard_name(shard_id)
+    fs, root = fsspec.core.url_to_fs(images_dir)
+    staging = f"{root}/_staging/{name}-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(staging, exist_ok=True)
+    try:
+        input_file = f"{staging}/input.arrow"
+        with fs.open(input_file, "wb") as f, pa.ipc.new_file(f, rows.schema) as w:
+            w.write_table(rows)
+        resizer = Resizer(
+            image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+            encode_format=cfg.encode_format, encode_quality=cfg.encode_quality, min_image_size=cfg.min_image_size,
+            max_image_area=cfg.max_image_area, max_aspect_ratio=cfg.max_aspect_ratio,
+        )
+        downloader = Downloader(
+            sample_writer_class=WebDatasetSampleWriter, resizer=CheckedResizer(resizer, cfg.max_image_area),
+            thread_count=cfg.threads, save_caption="caption" in rows.column_names, extract_exif=True,
+            output_folder=_url(fs, staging), column_list=rows.column_names, timeout=cfg.timeout,
+            number_sample_per_shard=shard_size, oom_shard_count=SHARD_DIGITS, compute_hash="sha256",
+            verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries,
+            user_agent_token=cfg.user_agent_token,
+            disallowed_header_directives=cfg.disallowed_header_directives or None,
+        )
+        ok, _ = downloader((shard_id, _url(fs, input_file)))
+        if not ok:
+            raise RuntimeError(f"img2dataset failed on shard {name} (see the worker log for its traceback)")
+        return _finalize(fs, staging, root, name, given, shard_size)
+    finally:
+        fs.rm(staging, recursive=True)
+
+
+def _url(fs, path: str) -> str:
+    return path if "file" in fs.protocol else fs.unstrip_protocol(path)
+
+
+def _finalize(fs, staging: str, root: str, name: str, given: list[str], shard_size: int) -> dict:
+    k = key_digits(shard_size)
+    with fs.open(f"{staging}/{name}.parquet", "rb") as f:
+        meta = pq.read_table(f)
+    if meta.num_rows != len(given):
+        raise RuntimeError(f"shard {name}: img2dataset wrote {meta.num_rows} rows for {len(given)} URLs")
+    keys = meta["key"].to_pylist()
+    url_of = {key: given[int(key) % 10**k] for key in keys}
+    meta = meta.set_column(meta.column_names.index("url"), "url", pa.array([url_of[x] for x in keys], pa.string()))
+    meta = meta.take(pc.sort_indices(meta["key"]))
+
+    tar_tmp = tmp_name(f"{root}/{name}.tar")
+    with fs.open(f"{staging}/{name}.tar", "rb") as src, fs.open(tar_tmp, "wb") as dst:
+        _sorted_tar(src, dst, url_of)
+    fs.mv(tar_tmp, f"{root}/{name}.tar")
+    with fs.open(f"{staging}/{name}_stats.json", "rb") as f:
+        atomic_write_bytes(_url(fs, f"{root}/{name}_stats.json"), f.read())
+    atomic_write_table(_url(fs, f"{root}/{name}.parquet"), meta)  # the commit marker
+
+    reasons = Counter(download_reason(s, e) for s, e in zip(meta["status"].to_pylist(),
+                                                             meta["error_message"].to_pylist()))
+    return {"rows": meta.num_rows, "ok": reasons.pop("ok", 0), "reasons": dict(reasons)}
+
+
+def _sorted_tar(src, dst, url_of: dict[str, str]) -> None:
+    """Copy a tar with members ordered by key, fixed metadata, and the list's URL in each .json."""
+    data = io.BytesIO(src.read()) if not hasattr(src, "seek") else src
+    with tarfile.open(fileobj=data, mode="r:") as tin, tarfile.open(fileobj=dst, mode="w", format=tarfile.USTAR_FORMAT) as tout:
+        members = sorted(tin.getmembers(), key=lambda m: (m.name.split(".", 1)[0], m.name))
+        for m in members:
+            payload = tin.extractfile(m).read()
+            key = m.name.split(".", 1)[0]
+            if m.name.endswith(".json") and key in url_of:
+                doc = json.loads(payload)
+                doc["url"] = url_of[key]
+                payload = json.dumps(doc, indent=4).encode()
+            info = tarfile.TarInfo(m.name)
+            info.size, info.mtime, info.mode = len(payload), 0, 0o444
+            tout.addfile(info, io.BytesIO(payload))
+
+
+def read_images_meta(images_dir: str, shard_id: int, columns=None) -> pa.Table:
+    from .storage import read_table
+
+    return read_table(f"{images_dir}/{shard_name(shard_id)}.parquet", columns=columns)

@@ -1,0 +1,84 @@
+"""Schemas of every stage's output and the status vocabulary, in one place.
+
+images/<shard>.parquet is img2dataset's own file (its columns are listed in
+IMAGE_COLUMNS); every later stage's file is described here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pyarrow as pa
+
+OK = "ok"
+SKIPPED = "skipped"  # an upstream stage failed for this key
+FAILED = "failed"
+
+# The columns of img2dataset's per-shard parquet that longcap reads.
+IMAGE_COLUMNS = ("key", "url", "status", "error_message", "width", "height", "original_width", "original_height")
+
+CAPTIONS = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("captioner", pa.string(), nullable=False),
+    pa.field("model", pa.string()),  # model id, or 'source:<column>'
+    pa.field("prompt_id", pa.string()),
+    pa.field("prompt_hash", pa.string()),
+    pa.field("params", pa.string()),  # generation parameters, JSON
+    pa.field("text", pa.string()),
+    pa.field("n_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("latency_s", pa.float32()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("flags", pa.string()),  # quality flags, JSON
+])
+
+SCHEMAS = {"captions": CAPTIONS}
+
+
+def empty_row(schema: pa.Schema, **values) -> dict:
+    row = {name: None for name in schema.names}
+    row.update(values)
+    return row
+
+
+def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def key_seed(run_seed: int, stage: str, key: str) -> int:
+    """Seed for one key in one stage: the same on every machine and every rerun."""
+    digest = hashlib.blake2b(f"{run_seed}:{stage}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------- download outcomes
+
+_REASONS = [
+    (re.compile(r"^blocked"), "blocked"),
+    (re.compile(r"HTTP Error (\d{3})"), "http_{0}"),
+    (re.compile(r"timed out|timeout", re.I), "timeout"),
+    (re.compile(r"not an image|cannot identify image", re.I), "not_an_image"),
+    (re.compile(r"truncated", re.I), "truncated"),
+    (re.compile(r"pixel limit|decompression bomb|image area too large", re.I), "too_large"),
+    (re.compile(r"image too small", re.I), "too_small"),
+    (re.compile(r"aspect ratio", re.I), "bad_aspect_ratio"),
+    (re.compile(r"X-Robots-Tag", re.I), "disallowed_by_site"),
+    (re.compile(r"unknown url type|no host given|invalid url|empty url", re.I), "bad_url"),
+    (re.compile(r"Connection refused|Name or service not known|urlopen error|Remote end closed|Connection reset", re.I),
+     "connection_error"),
+    (re.compile(r"decod", re.I), "decode_error"),
+]
+
+
+def download_reason(status: str | None, error: str | None) -> str:
+    """img2dataset's (status, error_message) -> a short reason: 'ok', 'http_404', 'timeout', ..."""
+    if status == "success":
+        return OK
+    text = error or ""
+    for pattern, name in _REASONS:
+        m = pattern.search(text)
+        if m:
+            return name.format(*m.groups())
+    return "download_error" if status == "failed_to_download" else "image_error"

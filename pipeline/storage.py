@@ -1,0 +1,56 @@
+"""Atomic writes on any fsspec filesystem: write <path>.tmp-<uuid>, then rename into place."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def tmp_name(path: str) -> str:
+    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    tmp = tmp_name(p)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, p)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def atomic_write_table(path: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def exists(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    fs, p = fsspec.core.url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def remove_stale_tmp(folder: str) -> int:
+    """Delete leftovers of killed writers (`*.tmp-*`) in one folder; returns how many."""
+    fs, p = fsspec.core.url_to_fs(folder)
+    if not fs.exists(p):
+        return 0
+    stale = [f for f in fs.ls(p, detail=False) if ".tmp-" in f.rsplit("/", 1)[-1]]
+    for f in stale:
+        fs.rm(f, recursive=True)
+    return len(stale)

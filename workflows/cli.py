@@ -1,0 +1,137 @@
+"""The `longcap` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.download import shard_name
+from pipeline.sources import InputError
+
+EXIT_FAILED, EXIT_CONFIG = 1, 2
+
+
+def _load(config: str, overrides: list[str]):
+    """A config file, or a run directory (its run.yaml)."""
+    p = Path(config)
+    if p.is_dir():
+        if not (p / "run.yaml").exists():
+            raise ConfigError(f"{config} is a folder without run.yaml: pass a config file or a started run")
+        config = str(p / "run.yaml")
+    return load_config(config, overrides)
+
+
+def _split_csv(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def cmd_config(args) -> int:
+    print(dump_config(_load(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .rundir import RunDir
+    from .runner import Runner
+    from .status import format_status, run_status
+    from .stages import ORDER
+
+    cfg = _load(args.config, args.overrides)
+    stages = _split_csv(args.stages)
+    bad = [s for s in stages or [] if s not in ORDER]
+    if bad:
+        raise ConfigError(f"--stages: unknown stage(s) {bad}; allowed: {', '.join(ORDER)}")
+    shards = [int(s) for s in _split_csv(args.shards)] if args.shards else None
+    run = RunDir(cfg.run.dir)
+    changed = run.check_config(cfg, force=args.force)
+    if changed:
+        print("config changed (--force):\n  " + "\n  ".join(changed), file=sys.stderr)
+    result = Runner(cfg, run, stages=stages, shards=shards, progress=not args.no_progress).execute()
+    print(f"\nrun directory: {run.root}")
+    print(format_status(run_status(run)))
+    if result.ok:
+        return 0
+    print("", file=sys.stderr)
+    for (stage, shard), err in sorted(result.failed.items()):
+        print(f"FAILED {stage} shard {shard_name(shard)}: {err}", file=sys.stderr)
+    for (stage, shard), why in sorted(result.blocked.items()):
+        print(f"NOT RUN {stage} shard {shard_name(shard)}: {why}", file=sys.stderr)
+    names = sorted({shard_name(s) for _, s in list(result.failed) + list(result.blocked)})
+    failed_stages = sorted({st for st, _ in result.failed} | {st for st, _ in result.blocked}, key=ORDER.index)
+    print(f"\n{len(names)} shard(s) did not finish. After fixing the cause, rerun them with:\n"
+          f"  longcap run {run.root} --stages {','.join(failed_stages)} --shards {','.join(names)}",
+          file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_status(args) -> int:
+    from .rundir import RunDir
+    from .status import format_status, run_status
+
+    st = run_status(RunDir(args.run))
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0 if st["accounted"] else EXIT_FAILED
+
+
+def cmd_synth(args) -> int:
+    from pipeline.synthetic import write_world
+
+    info = write_world(args.out, args.families, args.variants, args.size, args.seed, not args.no_broken)
+    print(json.dumps(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longcap", description="long-caption datasets and hierarchical VLM training")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("config", help="print the resolved config")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", help="dotted.key=value")
+    c.set_defaults(fn=cmd_config)
+
+    r = sub.add_parser("run", help="run (or resume) the pipeline")
+    r.add_argument("config", help="config YAML, or a run directory to resume")
+    r.add_argument("overrides", nargs="*", help="dotted.key=value")
+    r.add_argument("--stages", help="comma-separated subset of: download,captions")
+    r.add_argument("--shards", help="comma-separated shard ids, e.g. 00003,00007")
+    r.add_argument("--force", action="store_true", help="continue a run whose config changed")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("status", help="per-stage progress and the accounting of every input URL")
+    s.add_argument("run")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    y = sub.add_parser("synth", help="write a synthetic world (images, urls.parquet, truth.parquet)")
+    y.add_argument("out")
+    y.add_argument("--families", type=int, default=12)
+    y.add_argument("--variants", type=int, default=3)
+    y.add_argument("--size", type=int, default=256)
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--no-broken", action="store_true", help="leave out the deliberately broken URLs")
+    y.set_defaults(fn=cmd_synth)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("LONGCAP_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, InputError) as e:
+        print(f"longcap: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FileNotFoundError as e:
+        print(f"longcap: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The run directory (DESIGN §3): paths, config snapshot, shard plan, manifest."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import yaml
+
+from pipeline import synthetic
+from pipeline.config import Config, ConfigError, config_diff, dump_config
+from pipeline.download import plan_shards, shard_name
+from pipeline.sources import read_url_lists
+from pipeline.storage import atomic_write_bytes, atomic_write_json, atomic_write_table, exists, read_table, remove_stale_tmp
+
+STAGE_DIRS = {"download": "images", "captions": "captions"}
+
+
+class RunDir:
+    def __init__(self, root: str):
+        root = str(root).rstrip("/")
+        self.fs, self._path = fsspec.core.url_to_fs(root)
+        self.root = self._path if "file" in self.fs.protocol else root  # local: absolute, for every worker
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # ---------------------------------------------------------------- files
+
+    def output(self, stage: str, shard: int) -> str:
+        return self.path(STAGE_DIRS[stage], f"{shard_name(shard)}.parquet")
+
+    def shard_input(self, shard: int) -> str:
+        return self.path("images", "_shards", f"{shard_name(shard)}.parquet")
+
+    def is_done(self, stage: str, shard: int) -> bool:
+        return exists(self.output(stage, shard))
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in self.fs.protocol
+
+    def clean_stale(self) -> int:
+        """Remove what killed writers left: *.tmp-* files and img2dataset staging folders."""
+        n = sum(remove_stale_tmp(self.path(d)) for d in set(STAGE_DIRS.values()))
+        staging = f"{self._path}/images/_staging"
+        if self.fs.exists(staging):
+            self.fs.rm(staging, recursive=True)
+        return n
+
+    # ---------------------------------------------------------------- config snapshot
+
+    def load_snapshot(self) -> dict | None:
+        p = self.path("run.yaml")
+        if not exists(p):
+            return None
+        with fsspec.open(p, "r") as f:
+            return yaml.safe_load(f)
+
+    def check_config(self, cfg: Config, force: bool = False) -> list[str]:
+        """Write run.yaml on first start; on restart, refuse a different config unless forced."""
+        new = cfg.model_dump(mode="json")
+        old = self.load_snapshot()
+        if old is not None:
+            diff = config_diff(old, new)
+            if diff and not force:
+                raise ConfigError(
+                    f"{self.root} was started with a different config:\n  " + "\n  ".join(diff)
+                    + "\nrerun with --force to continue with the new one (finished shards keep their old outputs),"
+                    " or choose another run.dir"
+                )
+            if not diff:
+                return []
+        self.fs.makedirs(self._path, exist_ok=True)
+        atomic_write_bytes(self.path("run.yaml"), dump_config(cfg).encode())
+        return diff if old is not None else []
+
+    # ---------------------------------------------------------------- shard plan
+
+    def plan(self, cfg: Config) -> list[int]:
+        """Shard ids of the run. The first start splits the URL list into images/_shards/."""
+        plan_file = self.path("images", "_shards", "plan.json")
+        if exists(plan_file):
+            with fsspec.open(plan_file, "r") as f:
+                return list(range(json.load(f)["shards"]))
+        urls = self.input_urls(cfg)
+        table = read_url_lists(urls, cfg.input.format if cfg.input.synthetic is None else "parquet",
+                               cfg.input.url_col if cfg.input.synthetic is None else "url",
+                               cfg.caption_columns(), cfg.extra_columns())
+        shards = plan_shards(table, cfg.run.shard_size)
+        self.fs.makedirs(f"{self._path}/images/_shards", exist_ok=True)
+        for i, part in enumerate(shards):
+            atomic_write_table(self.shard_input(i), part)
+        atomic_write_json(plan_file, {"shards": len(shards), "rows": table.num_rows,
+                                      "shard_size": cfg.run.shard_size, "sources": urls})
+        return list(range(len(shards)))
+
+    def input_urls(self, cfg: Config) -> list[str]:
+        if cfg.input.synthetic is None:
+            return list(cfg.input.urls)
+        if not self.is_local:
+            raise ConfigError("input.synthetic needs a local run.dir (the world is served from disk)")
+        world = self.synth_dir
+        if not (Path(world) / "truth.parquet").exists():
+            s = cfg.input.synthetic
+            synthetic.write_world(world, s.families, s.variants, s.image_size, s.seed, s.broken)
+        return [str(Path(world) / "urls.parquet")]
+
+    @property
+    def synth_dir(self) -> str:
+        return str(Path(self._path) / "synth")
+
+    def serve_dir(self, cfg: Config) -> str | None:
+        return self.synth_dir if cfg.input.synthetic is not None else cfg.input.serve_dir
+
+    def shard_rows(self, shard: int) -> pa.Table:
+        return read_table(self.shard_input(shard))
+
+    # ---------------------------------------------------------------- manifest
+
+    def load_manifest(self) -> dict:
+        p = self.path("manifest.json")
+        if not exists(p):
+            return {"stages": {}, "events": []}
+        with fsspec.open(p, "r") as f:
+            return json.load(f)
+
+    def save_manifest(self, manifest: dict) -> None:
+        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_json(self.path("manifest.json"), manifest)

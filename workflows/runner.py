@@ -1,0 +1,216 @@
+"""Runs the selected stages over every shard on Ray.
+
+Task stages run as one Ray task per shard; model stages run in Ray actors that
+build their worker (and so load their model) once and then take shard after
+shard. A shard moves to its next stage as soon as it is done, so stages
+overlap. A failing shard is retried, then recorded; the run goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import ray
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.download import shard_name
+from .rundir import RunDir
+from .serve import serve_folder
+from .stages import ORDER, WORKERS, run_worker
+
+log = logging.getLogger("longcap")
+
+
+def ensure_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    rc = cfg.ray
+    if rc.address:
+        ray.init(address=rc.address, runtime_env=rc.runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=False,
+                 runtime_env=rc.runtime_env, log_to_driver=True)
+
+
+@ray.remote(max_retries=0)
+def _shard_task(stage: str, cfg: Config, root: str, base_url, shard: int) -> dict:
+    return run_worker(WORKERS[stage](cfg, root, base_url), shard)
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class _StageActor:
+    def __init__(self, stage: str, cfg: Config, root: str, base_url):
+        self.worker = WORKERS[stage](cfg, root, base_url)
+
+    def run(self, shard: int) -> dict:
+        return run_worker(self.worker, shard)
+
+
+@dataclass
+class RunResult:
+    failed: dict = field(default_factory=dict)  # (stage, shard) -> error
+    blocked: dict = field(default_factory=dict)  # (stage, shard) -> why it could not run
+    done: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked
+
+
+def error_text(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return f"worker died: {str(exc).splitlines()[0][:300]}"
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"[:2000]
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:2000]
+
+
+class Runner:
+    def __init__(self, cfg: Config, run: RunDir, stages: list[str] | None = None,
+                 shards: list[int] | None = None, progress: bool = True):
+        self.cfg, self.run = cfg, run
+        self.stages = [s for s in ORDER if s in (stages or cfg.run.stages)]
+        self.only = set(shards) if shards is not None else None
+        self.progress = progress and sys.stderr.isatty()
+        self.manifest = run.load_manifest()
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def _record(self, stage: str, shard: int, entry: dict) -> None:
+        st = self.manifest["stages"].setdefault(stage, {"shards": {}})
+        st["shards"][shard_name(shard)] = entry
+        done = [e for e in st["shards"].values() if e["status"] == "done"]
+        st["summary"] = {
+            "shards_done": len(done),
+            "shards_failed": sum(e["status"] == "failed" for e in st["shards"].values()),
+            "samples": sum(e.get("rows", 0) for e in done),
+            "samples_ok": sum(e.get("ok", 0) for e in done),
+            "seconds": round(sum(e.get("seconds", 0) for e in done), 3),
+        }
+        self.run.save_manifest(self.manifest)
+
+    def _next_stage(self, stage: str) -> str | None:
+        i = self.stages.index(stage)
+        return self.stages[i + 1] if i + 1 < len(self.stages) else None
+
+    # ---------------------------------------------------------------- main loop
+
+    def execute(self) -> RunResult:
+        ensure_ray(self.cfg)
+        all_shards = self.run.plan(self.cfg)
+        shards = [s for s in all_shards if self.only is None or s in self.only]
+        self.run.clean_stale()
+        result = RunResult()
+        pending = {s: collections.deque() for s in self.stages}
+        for shard in shards:
+            for stage in self.stages:
+                if self.run.is_done(stage, shard):
+                    continue
+                up = ORDER[ORDER.index(stage) - 1] if ORDER.index(stage) else None
+                if up is None or self.run.is_done(up, shard):
+                    pending[stage].append(shard)
+                elif up not in self.stages:
+                    result.blocked[(stage, shard)] = f"needs {up} output first (run with --stages {up},{stage})"
+                break
+        need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
+        with (serve_folder(self.run.serve_dir(self.cfg)) if need_server else contextlib.nullcontext()) as base:
+            self._loop(shards, pending, base, result)
+        return result
+
+    def _loop(self, shards, pending, base_url, result: RunResult) -> None:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        task_limit = self.cfg.ray.download_tasks or max(1, cpus)
+        bars = {s: tqdm(total=len(shards), desc=f"{s:>9}", unit="shard", position=i, leave=True,
+                        disable=not self.progress, initial=sum(self.run.is_done(s, x) for x in shards))
+                for i, s in enumerate(self.stages)}
+        samples = collections.Counter()
+        started = {}
+        inflight: dict = {}
+        attempts = collections.Counter()
+        actors = {s: [] for s in self.stages}  # idle actors
+        live_actors = collections.Counter()
+        max_actors = 1
+        retries = self.cfg.ray.shard_retries
+        try:
+            while any(pending.values()) or inflight:
+                for stage in self.stages:
+                    q = pending[stage]
+                    while q:
+                        shard = q[0]
+                        if WORKERS[stage].kind == "task":
+                            if sum(1 for v in inflight.values() if v[0] == stage) >= task_limit:
+                                break
+                            ref = _shard_task.options(num_cpus=1).remote(stage, self.cfg, self.run.root, base_url, shard)
+                            actor = None
+                        else:
+                            if not actors[stage] and live_actors[stage] < max_actors:
+                                actors[stage].append(_StageActor.options(num_cpus=1).remote(
+                                    stage, self.cfg, self.run.root, base_url))
+                                live_actors[stage] += 1
+                            if not actors[stage]:
+                                break
+                            actor = actors[stage].pop()
+                            ref = actor.run.remote(shard)
+                        q.popleft()
+                        started.setdefault(stage, time.time())
+                        inflight[ref] = (stage, shard, actor)
+                if not inflight:
+                    break
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    stage, shard, actor = inflight.pop(ref)
+                    try:
+                        summary = ray.get(ref)
+                    except (ray.exceptions.RayError, Exception) as e:  # a worker's failure is data, not a crash
+                        err = error_text(e)
+                        attempts[(stage, shard)] += 1
+                        if actor is not None:
+                            if isinstance(e, ray.exceptions.RayActorError):
+                                live_actors[stage] -= 1
+                                ray.kill(actor, no_restart=True)
+                            else:
+                                actors[stage].append(actor)
+                        n = attempts[(stage, shard)]
+                        if n <= retries:
+                            log.warning("%s shard %s failed (attempt %d), retrying: %s", stage, shard_name(shard), n, err)
+                            pending[stage].appendleft(shard)
+                        else:
+                            result.failed[(stage, shard)] = err
+                            self._record(stage, shard, {"status": "failed", "error": err, "attempts": n})
+                            log.error("%s shard %s failed after %d attempts: %s", stage, shard_name(shard), n, err)
+                        continue
+                    if actor is not None:
+                        actors[stage].append(actor)
+                    summary.update(status="done", attempts=attempts[(stage, shard)] + 1)
+                    self._record(stage, shard, summary)
+                    result.done += 1
+                    samples[stage] += summary.get("rows", 0)
+                    bars[stage].update(1)
+                    rate = samples[stage] / max(time.time() - started[stage], 1e-6)
+                    bars[stage].set_postfix_str(f"{rate:.1f} samples/s", refresh=False)
+                    if not self.progress:
+                        log.info("%s %s done: %d rows, %d ok, %.1f s (%.1f samples/s in this stage)", stage,
+                                 shard_name(shard), summary.get("rows", 0), summary.get("ok", 0),
+                                 summary.get("seconds", 0), rate)
+                    nxt = self._next_stage(stage)
+                    if nxt and not self.run.is_done(nxt, shard):
+                        pending[nxt].append(shard)
+        finally:
+            for b in bars.values():
+                b.close()
+            for stage, pool in actors.items():
+                for a in pool:
+                    ray.kill(a, no_restart=True)
+        for stage in self.stages:
+            if stage in started:
+                st = self.manifest["stages"].setdefault(stage, {"shards": {}})
+                st["last_run"] = {"samples": samples[stage], "seconds": round(time.time() - started[stage], 3),
+                                  "samples_per_s": round(samples[stage] / max(time.time() - started[stage], 1e-6), 2)}
+        self.run.save_manifest(self.manifest)

@@ -1,0 +1,64 @@
+"""Stage workers: read a shard's inputs from the run directory, call the pipeline, commit the output.
+
+A worker is plain Python; the runner wraps task stages in Ray tasks and model
+stages in Ray actors (one worker object, so one model load, per actor).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from pipeline.captions import build_captioner
+from pipeline.config import Config
+from pipeline.download import download_shard, read_images_meta
+from pipeline.records import CAPTIONS, OK
+from pipeline.storage import atomic_write_table
+from .rundir import RunDir
+
+import pyarrow as pa
+
+
+class DownloadWorker:
+    kind = "task"
+
+    def __init__(self, cfg: Config, root: str, base_url: str | None = None):
+        self.cfg, self.run_dir, self.base_url = cfg, RunDir(root), base_url
+
+    def run(self, shard: int) -> dict:
+        rows = self.run_dir.shard_rows(shard)
+        return download_shard(shard, rows, self.run_dir.path("images"), self.cfg.download,
+                              self.cfg.run.shard_size, self.base_url or self.cfg.input.base_url)
+
+
+class CaptionsWorker:
+    kind = "actor"
+
+    def __init__(self, cfg: Config, root: str, base_url: str | None = None):
+        self.cfg, self.run_dir = cfg, RunDir(root)
+        self.captioners = [build_captioner(c, cfg.caption_columns()) for c in cfg.captioners]
+
+    def run(self, shard: int) -> dict:
+        images = read_images_meta(self.run_dir.path("images"), shard)
+        out = pa.concat_tables([c.caption_shard(images) for c in self.captioners]).cast(CAPTIONS)
+        atomic_write_table(self.run_dir.output("captions", shard), out)
+        return summarize(out)
+
+
+def summarize(out: pa.Table) -> dict:
+    """{'rows', 'ok', 'reasons'} of a stage output with status/error columns."""
+    reasons = Counter()
+    for status, error in zip(out["status"].to_pylist(), out["error"].to_pylist()):
+        reasons[OK if status == OK else f"{status}: {(error or '').split(':')[0]}"] += 1
+    return {"rows": out.num_rows, "ok": reasons.pop(OK, 0), "reasons": dict(reasons)}
+
+
+WORKERS = {"download": DownloadWorker, "captions": CaptionsWorker}
+ORDER = ("download", "captions")
+
+
+def run_worker(worker, shard: int) -> dict:
+    t0 = time.time()
+    summary = worker.run(shard)
+    summary["seconds"] = round(time.time() - t0, 3)
+    return summary
