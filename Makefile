@@ -3,8 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The registry's torch, never a local CPU-only wheel that torchvision can't load against.
-PIP := PIP_FIND_LINKS= $(BIN)/python -m pip
+PIP := $(BIN)/python -m pip
 
 .PHONY: demo test bench clean
 

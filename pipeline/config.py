@@ -161,6 +161,8 @@ def apply_override(data: dict, parts: list[str], value: Any) -> None:
             raise ConfigError(f"override {'.'.join(parts)}: {where} is not a section")
         nxt = node.get(part)
         if nxt is None:
+            if parts[i + 1].isdigit():
+                raise ConfigError(f"override {'.'.join(parts)}: {where} is not set, so it has no item {parts[i + 1]}")
             nxt = node[part] = {}
         node = nxt
     last = parts[-1]

@@ -84,7 +84,7 @@ class CheckedResizer:
 
 
 def resolve(url: str, base_url: str | None) -> str:
-    if base_url and "://" not in url:
+    if base_url and url and "://" not in url:
         return urllib.parse.urljoin(base_url.rstrip("/") + "/", url.lstrip("/"))
     return url
 

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import fsspec
+import pyarrow as pa
 
 from pipeline.download import read_images_meta, shard_name
 from pipeline.records import OK, download_reason
@@ -31,7 +32,11 @@ def run_status(run: RunDir) -> dict:
             name = shard_name(shard)
             if run.is_done(stage, shard):
                 info["shards_done"] += 1
-                info["rows"].update(_reasons(run, stage, shard))
+                try:
+                    info["rows"].update(_reasons(run, stage, shard))
+                except (OSError, pa.ArrowException) as e:
+                    info["rows"]["unreadable output"] += 1
+                    info["failed"][name] = f"cannot read {run.output(stage, shard)}: {e}"
             elif entries.get(name, {}).get("status") == "failed":
                 info["shards_failed"] += 1
                 info["failed"][name] = entries[name].get("error", "")
@@ -48,9 +53,12 @@ def run_status(run: RunDir) -> dict:
 
 
 def _url_outcomes(run: RunDir, shard: int, entry: dict) -> Counter:
-    if run.is_done("download", shard):
-        return _download_reasons(run, shard)
     n = run.shard_rows(shard).num_rows
+    if run.is_done("download", shard):
+        try:
+            return _download_reasons(run, shard)
+        except (OSError, pa.ArrowException):
+            return Counter({"unreadable_output": n})
     return Counter({"shard_failed" if entry.get("status") == "failed" else "not_downloaded_yet": n})
 
 

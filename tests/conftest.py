@@ -1,0 +1,50 @@
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs, no dashboard)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small synthetic world with the three broken URLs."""
+    from pipeline.synthetic import write_world
+
+    out = tmp_path_factory.mktemp("world")
+    write_world(out, families_n=5, variants=3, image_size=128, seed=1, broken=True)
+    return out
+
+
+def demo_config(run_dir, **overrides):
+    """A config dict like configs/demo.yaml, small."""
+    cfg = {
+        "run": {"dir": str(run_dir), "seed": 0, "shard_size": 2},
+        "input": {"synthetic": {"families": 3, "variants": 3, "image_size": 128, "seed": 2, "broken": True}},
+        "download": {"image_size": 128, "threads": 4, "timeout": 5},
+        "captioners": [{"name": "source", "backend": "source"}],
+    }
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+@pytest.fixture
+def fresh_dir(tmp_path):
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)

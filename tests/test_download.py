@@ -1,0 +1,157 @@
+import hashlib
+import io
+import resource
+import time
+from http.server import BaseHTTPRequestHandler
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import DownloadSection
+from pipeline.download import check_image, download_shard, make_key
+from pipeline.records import download_reason
+from workflows.serve import serve
+
+
+def jpeg(seed, size=(64, 48)):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+GOOD = [jpeg(i) for i in range(6)]
+
+
+def _bomb():
+    buf = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+BOMB = _bomb()
+
+
+class Faults(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, body=b"", ctype="image/jpeg", headers=()):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        p = self.path
+        if p.startswith("/ok/"):
+            return self._send(200, GOOD[int(p.split("/")[2].split(".")[0])])
+        if p == "/server-error.jpg":
+            return self._send(500, b"oops", "text/plain")
+        if p == "/slow.jpg":
+            time.sleep(4)
+            return self._send(200, GOOD[0])
+        if p == "/html.jpg":
+            return self._send(200, b"<html>hello</html>")
+        if p == "/truncated.jpg":
+            return self._send(200, GOOD[1][: len(GOOD[1]) // 2])
+        if p == "/bomb.png":
+            return self._send(200, BOMB, "image/png")
+        if p == "/tiny.jpg":
+            return self._send(200, jpeg(9, (1, 1)))
+        if p == "/redirect.jpg":
+            return self._send(302, b"", headers=[("Location", "/ok/5.jpg")])
+        if p == "/noai.jpg":
+            return self._send(200, GOOD[2], headers=[("X-Robots-Tag", "noai")])
+        return self._send(404, b"nope", "text/plain")
+
+
+CASES = [  # (url, expected reason)
+    ("ok/0.jpg", "ok"), ("ok/1.jpg", "ok"), ("ok/2.jpg", "ok"),
+    ("missing.jpg", "http_404"),
+    ("server-error.jpg", "http_500"),
+    ("slow.jpg", "timeout"),
+    ("html.jpg", "not_an_image"),
+    ("truncated.jpg", "truncated"),
+    ("bomb.png", "too_large"),
+    ("tiny.jpg", "too_small"),
+    ("redirect.jpg", "ok"),
+    ("noai.jpg", "disallowed_by_site"),
+    ("", "bad_url"),
+]
+
+
+def run_shard(out, base, shard_id=3, shard_size=100, **cfg):
+    rows = pa.table({"url": [u for u, _ in CASES], "caption": [f"caption {i}" for i in range(len(CASES))],
+                     "ident": list(range(len(CASES)))})
+    c = DownloadSection(image_size=32, timeout=2, threads=8, min_image_size=8, max_image_area=50_000_000, **cfg)
+    return download_shard(shard_id, rows, str(out), c, shard_size, base)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve(Faults) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory, server):
+    out = tmp_path_factory.mktemp("images")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    summary = run_shard(out, server)
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return out, summary, grew_mb
+
+
+def test_every_url_gets_its_reason(downloaded):
+    out, summary, _ = downloaded
+    meta = pq.read_table(out / "00003.parquet").to_pylist()
+    assert [m["key"] for m in meta] == [make_key(3, i, 100) for i in range(len(CASES))]
+    assert [m["url"] for m in meta] == [u for u, _ in CASES]  # the list's URL, not the fetched one
+    got = [download_reason(m["status"], m["error_message"]) for m in meta]
+    assert got == [want for _, want in CASES]
+    assert summary["rows"] == len(CASES) and summary["ok"] == 4
+    assert summary["reasons"]["http_404"] == 1 and summary["reasons"]["timeout"] == 1
+    assert meta[0]["ident"] == 0 and meta[-1]["ident"] == len(CASES) - 1
+
+
+def test_bomb_rejected_from_header_without_decoding(downloaded):
+    out, _, grew_mb = downloaded
+    meta = {m["url"]: m for m in pq.read_table(out / "00003.parquet").to_pylist()}
+    assert "900000000 pixels" in meta["bomb.png"]["error_message"]
+    assert grew_mb < 300, f"max RSS grew {grew_mb:.0f} MB while downloading a 900-Mpixel PNG"
+    assert check_image(io.BytesIO(BOMB), 1e8).startswith("pixel limit")
+
+
+def test_tar_holds_ok_images_in_key_order_readable_by_webdataset(downloaded):
+    out, _, _ = downloaded
+    samples = list(wds.WebDataset(str(out / "00003.tar"), shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt", "json"))
+    keys = [s[0] for s in samples]
+    assert keys == sorted(keys) and len(keys) == 4
+    assert [s[3]["url"] for s in samples] == ["ok/0.jpg", "ok/1.jpg", "ok/2.jpg", "redirect.jpg"]
+    assert [s[2] for s in samples] == ["caption 0", "caption 1", "caption 2", "caption 10"]
+    assert all(min(s[1].size) == 32 for s in samples)  # keep_ratio: short side = download.image_size
+
+
+def test_rerun_gives_identical_bytes(tmp_path, server):
+    ok = [c for c in CASES if c[1] == "ok"]
+    rows = pa.table({"url": [u for u, _ in ok] * 5})
+    digests = []
+    for name in ("a", "b"):
+        download_shard(0, rows, str(tmp_path / name), DownloadSection(threads=8), 100, server)
+        digests.append([hashlib.sha256((tmp_path / name / f).read_bytes()).hexdigest()
+                        for f in ("00000.tar", "00000.parquet")])
+        assert not list((tmp_path / name).glob("*.tmp-*"))
+    assert digests[0] == digests[1]
+
+
+def test_reserved_column_names_rejected(tmp_path, server):
+    with pytest.raises(ValueError, match=r"\['width'\] clash with img2dataset"):
+        download_shard(0, pa.table({"url": ["ok/0.jpg"], "width": [1]}), str(tmp_path), DownloadSection(), 10, server)

@@ -1,0 +1,126 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from workflows.cli import main
+
+from conftest import demo_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_cfg(tmp_path, run_dir, **over):
+    p = tmp_path / f"cfg-{run_dir.name}.yaml"
+    p.write_text(yaml.safe_dump(demo_config(run_dir, **over)))
+    return p
+
+
+def outputs(run_dir: Path) -> dict:
+    """Content hash of every stage output (img2dataset's timing stats excluded)."""
+    out = {}
+    for d in ("images", "captions"):
+        for f in sorted((run_dir / d).glob("*")):
+            if f.is_file() and not f.name.endswith("_stats.json"):
+                out[f"{d}/{f.name}"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def keys_of(run_dir: Path, stage: str) -> list[str]:
+    return [k for f in sorted((run_dir / stage).glob("*.parquet")) for k in pq.read_table(f, columns=["key"])["key"].to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_session, tmp_path_factory):
+    """One uninterrupted run of the small demo config."""
+    tmp = tmp_path_factory.mktemp("clean")
+    run_dir = tmp / "run"
+    assert main(["run", str(write_cfg(tmp, run_dir)), "--no-progress"]) == 0
+    return run_dir
+
+
+def test_run_accounts_for_every_url(clean_run, capsys):
+    assert main(["status", str(clean_run), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["urls"] == 12 and st["shards"] == 6 and st["accounted"]
+    assert st["accounting"] == {"ok": 9, "http_404": 1, "not_an_image": 1, "truncated": 1}
+    assert st["stages"]["captions"]["rows"] == {"ok": 9, "skipped: no image (http_404)": 1,
+                                                "skipped: no image (not_an_image)": 1,
+                                                "skipped: no image (truncated)": 1}
+    image_keys, caption_keys = keys_of(clean_run, "images"), keys_of(clean_run, "captions")
+    assert len(image_keys) == len(set(image_keys)) == 12
+    assert caption_keys == image_keys  # every key the download saw, in every later stage
+    manifest = json.loads((clean_run / "manifest.json").read_text())
+    assert manifest["stages"]["download"]["summary"]["shards_done"] == 6
+    assert manifest["stages"]["captions"]["summary"]["samples_ok"] == 9
+    snap = yaml.safe_load((clean_run / "run.yaml").read_text())
+    assert snap["download"]["image_size"] == 128
+
+
+def test_source_captions_match_the_input(clean_run):
+    truth = {r["id"]: r["caption"] for r in pq.read_table(clean_run / "synth" / "truth.parquet").to_pylist()}
+    images = {r["key"]: r["id"] for f in sorted((clean_run / "images").glob("*.parquet"))
+              for r in pq.read_table(f, columns=["key", "id"]).to_pylist()}
+    caps = [r for f in sorted((clean_run / "captions").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    ok = [r for r in caps if r["status"] == "ok"]
+    assert len(ok) == 9
+    for r in ok:
+        assert r["text"] == truth[images[r["key"]]] and r["captioner"] == "source" and r["prompt_id"] == "caption"
+
+
+def test_second_start_skips_finished_shards(clean_run, tmp_path):
+    before = {f: os.stat(clean_run / f).st_mtime_ns for f in outputs(clean_run)}
+    assert main(["run", str(clean_run), "--no-progress"]) == 0
+    assert {f: os.stat(clean_run / f).st_mtime_ns for f in outputs(clean_run)} == before
+
+
+def test_failing_shard_is_recorded_and_the_rest_finish(ray_session, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = write_cfg(tmp_path, run_dir, **{"ray.shard_retries": 1})
+    assert main(["run", str(cfg), "--stages", "download", "--no-progress"]) == 0
+    (run_dir / "images" / "00001.parquet").write_bytes(b"this is not parquet")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--stages", "captions", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED captions shard 00001" in err
+    assert f"longcap run {run_dir} --stages captions --shards 00001" in err
+    assert sorted(p.name for p in (run_dir / "captions").glob("*.parquet")) == [
+        f"0000{i}.parquet" for i in (0, 2, 3, 4, 5)]
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["captions"]["shards"]["00001"]
+    assert entry["status"] == "failed" and entry["attempts"] == 2 and "parquet" in entry["error"].lower()
+    # status still accounts for every URL; the broken shard's rows are named as such
+    assert main(["status", str(run_dir)]) in (0, 1)
+    assert "shard 00001 FAILED" in capsys.readouterr().out
+
+
+def test_sigkill_mid_stage_then_resume_gives_identical_outputs(ray_session, clean_run, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = write_cfg(tmp_path, run_dir)
+    # the same config as clean_run except the directory
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", str(cfg), "--no-progress"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "images" / "00000.parquet").exists():
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "images" / "00000.parquet").exists()
+    killed_at = outputs(run_dir)
+    assert len(killed_at) < len(outputs(clean_run)), "the kill came after the run had finished"
+    for name in killed_at:  # what exists is complete
+        if name.endswith(".parquet"):
+            pq.read_table(run_dir / name)
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    assert outputs(run_dir) == outputs(clean_run)
+    assert not list(run_dir.rglob("*.tmp-*"))
+    assert keys_of(run_dir, "captions") == keys_of(clean_run, "captions")
