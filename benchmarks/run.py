@@ -1,0 +1,15 @@
+"""Runs every benchmark and prints its JSON lines; record the numbers in benchmarks/BENCHMARKS.md."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = [["download_bench.py"]]
+
+if __name__ == "__main__":
+    rc = 0
+    for argv in BENCHES:
+        print(f"== {' '.join(argv)}", flush=True)
+        rc |= subprocess.call([sys.executable, str(HERE / argv[0]), *argv[1:], *sys.argv[1:]], cwd=HERE.parent)
+    sys.exit(rc)
