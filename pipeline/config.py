@@ -15,7 +15,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("download", "captions")
+STAGES = ("download", "captions", "sentences")
 
 
 class ConfigError(ValueError):
@@ -103,12 +103,56 @@ class CaptionerSection(Strict):
         return [v] if isinstance(v, str) else v
 
 
+Action = Literal["keep", "strip", "exclude"]
+
+
+class QualitySection(Strict):
+    min_words: int = Field(5, ge=0, description="fewer words: too_few_words")
+    max_words: int = Field(1000, ge=1, description="more words: too_long")
+    repetition_n: int = Field(4, ge=1, description="n of the word n-grams for the repetition ratio")
+    max_repetition: float = Field(0.35, ge=0, le=1, description="higher 1 - distinct/total n-grams: repetition")
+    min_alpha: float = Field(0.5, ge=0, le=1, description="lower letters / non-space characters: non_alpha")
+    openings: list[str] = Field(default_factory=list, description="regexes of boilerplate openings (default: built in)")
+    actions: dict[str, Action] = Field(default_factory=dict, description="flag -> keep | strip | exclude")
+
+    @field_validator("actions")
+    @classmethod
+    def _known_actions(cls, v):
+        from .quality import FLAGS, STRIPPABLE
+
+        for flag, action in v.items():
+            if flag not in FLAGS:
+                raise ValueError(f"unknown flag {flag!r}; flags are {', '.join(FLAGS)}")
+            if action == "strip" and flag not in STRIPPABLE:
+                raise ValueError(f"{flag!r} cannot be stripped (only {', '.join(sorted(STRIPPABLE))}); use keep or exclude")
+        return v
+
+    @field_validator("openings")
+    @classmethod
+    def _valid_regex(cls, v):
+        import re
+
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"opening {pattern!r} is not a valid regex: {e}") from None
+        return v
+
+
+class SentencesSection(Strict):
+    spacy_model: str = Field("blank:en", description="'blank:en' (sentencizer) or an installed pipeline name")
+    batch_size: int = Field(256, ge=1)
+    quality: QualitySection = Field(default_factory=QualitySection)
+
+
 class Config(Strict):
     run: RunSection
     ray: RaySection = Field(default_factory=RaySection)
     input: InputSection
     download: DownloadSection = Field(default_factory=DownloadSection)
     captioners: list[CaptionerSection] = Field(default_factory=lambda: [CaptionerSection(name="source", backend="source")])
+    sentences: SentencesSection = Field(default_factory=SentencesSection)
 
     @model_validator(mode="after")
     def _cross_checks(self):

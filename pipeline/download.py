@@ -94,8 +94,12 @@ def plan_shards(table: pa.Table, shard_size: int) -> list[pa.Table]:
 
 
 def download_shard(shard_id: int, rows: pa.Table, images_dir: str, cfg, shard_size: int,
-                   base_url: str | None = None) -> dict:
-    """Download one shard; returns {'rows', 'ok', 'reasons'}. Raises if img2dataset fails the shard."""
+                   base_url: str | None = None, own_server: bool = False) -> dict:
+    """Download one shard; returns {'rows', 'ok', 'reasons'}. Raises if img2dataset fails the shard.
+
+    own_server: base_url is a server of this run (the demo's); a connection error then means that
+    server is gone (its driver died), so the shard is failed rather than committed with the errors.
+    """
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
@@ -132,7 +136,7 @@ def download_shard(shard_id: int, rows: pa.Table, images_dir: str, cfg, shard_si
         ok, _ = downloader((shard_id, _url(fs, input_file)))
         if not ok:
             raise RuntimeError(f"img2dataset failed on shard {name} (see the worker log for its traceback)")
-        return _finalize(fs, staging, root, name, given, shard_size)
+        return _finalize(fs, staging, root, name, given, shard_size, own_server)
     finally:
         fs.rm(staging, recursive=True)
 
@@ -141,7 +145,7 @@ def _url(fs, path: str) -> str:
     return path if "file" in fs.protocol else fs.unstrip_protocol(path)
 
 
-def _finalize(fs, staging: str, root: str, name: str, given: list[str], shard_size: int) -> dict:
+def _finalize(fs, staging: str, root: str, name: str, given: list[str], shard_size: int, own_server: bool) -> dict:
     k = key_digits(shard_size)
     with fs.open(f"{staging}/{name}.parquet", "rb") as f:
         meta = pq.read_table(f)
@@ -151,6 +155,11 @@ def _finalize(fs, staging: str, root: str, name: str, given: list[str], shard_si
     url_of = {key: given[int(key) % 10**k] for key in keys}
     meta = meta.set_column(meta.column_names.index("url"), "url", pa.array([url_of[x] for x in keys], pa.string()))
     meta = meta.take(pc.sort_indices(meta["key"]))
+    reasons = Counter(download_reason(s, e) for s, e in zip(meta["status"].to_pylist(),
+                                                             meta["error_message"].to_pylist()))
+    if own_server and reasons.get("connection_error"):
+        raise RuntimeError(f"shard {name}: the local image server stopped answering "
+                           f"({reasons['connection_error']} connection errors); not committing")
 
     tar_tmp = tmp_name(f"{root}/{name}.tar")
     with fs.open(f"{staging}/{name}.tar", "rb") as src, fs.open(tar_tmp, "wb") as dst:
@@ -159,9 +168,6 @@ def _finalize(fs, staging: str, root: str, name: str, given: list[str], shard_si
     with fs.open(f"{staging}/{name}_stats.json", "rb") as f:
         atomic_write_bytes(_url(fs, f"{root}/{name}_stats.json"), f.read())
     atomic_write_table(_url(fs, f"{root}/{name}.parquet"), meta)  # the commit marker
-
-    reasons = Counter(download_reason(s, e) for s, e in zip(meta["status"].to_pylist(),
-                                                             meta["error_message"].to_pylist()))
     return {"rows": meta.num_rows, "ok": reasons.pop("ok", 0), "reasons": dict(reasons)}
 
 

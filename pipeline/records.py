@@ -34,7 +34,30 @@ CAPTIONS = pa.schema([
     pa.field("flags", pa.string()),  # quality flags, JSON
 ])
 
-SCHEMAS = {"captions": CAPTIONS}
+SENTENCES = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("captioner", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string()),
+    pa.field("text", pa.string()),  # the normalised caption; spans point into it
+    pa.field("sentences", pa.list_(pa.string())),  # kept sentences, in order
+    pa.field("spans", pa.list_(pa.list_(pa.int32()))),  # [start, end) of each kept sentence in text
+    pa.field("n_sentences", pa.int32()),
+    pa.field("n_chars", pa.int32()),
+    pa.field("n_words", pa.int32()),
+    pa.field("repetition", pa.float32()),  # 1 - distinct/total word n-grams
+    pa.field("alpha_frac", pa.float32()),  # letters / non-space characters
+    pa.field("boilerplate", pa.string()),  # the matched opening, '' if none
+    pa.field("truncated", pa.string()),  # why it looks truncated, '' if not
+    pa.field("invalid_utf8", pa.bool_()),
+    pa.field("flags", pa.list_(pa.string())),
+    pa.field("stripped", pa.list_(pa.string())),  # what strip actions removed
+    pa.field("excluded", pa.bool_()),  # kept out of export
+    pa.field("exclude_reasons", pa.list_(pa.string())),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+])
+
+SCHEMAS = {"captions": CAPTIONS, "sentences": SENTENCES}
 
 
 def empty_row(schema: pa.Schema, **values) -> dict:

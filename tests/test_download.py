@@ -155,3 +155,15 @@ def test_rerun_gives_identical_bytes(tmp_path, server):
 def test_reserved_column_names_rejected(tmp_path, server):
     with pytest.raises(ValueError, match=r"\['width'\] clash with img2dataset"):
         download_shard(0, pa.table({"url": ["ok/0.jpg"], "width": [1]}), str(tmp_path), DownloadSection(), 10, server)
+
+
+def test_own_server_gone_fails_the_shard_instead_of_committing_errors(tmp_path):
+    with serve(Faults) as base:
+        pass  # the server is closed now: like the demo's server after its driver was killed
+    rows = pa.table({"url": ["ok/0.jpg", "ok/1.jpg"]})
+    with pytest.raises(RuntimeError, match="local image server stopped answering"):
+        download_shard(0, rows, str(tmp_path), DownloadSection(timeout=2), 10, base, own_server=True)
+    assert not (tmp_path / "00000.parquet").exists() and not (tmp_path / "00000.tar").exists()
+    # a server that is not ours: the errors are the URLs' own and are committed
+    summary = download_shard(0, rows, str(tmp_path), DownloadSection(timeout=2), 10, base)
+    assert summary["reasons"] == {"connection_error": 2}

@@ -13,7 +13,8 @@ from pipeline.captions import build_captioner
 from pipeline.config import Config
 from pipeline.download import download_shard, read_images_meta
 from pipeline.records import CAPTIONS, OK
-from pipeline.storage import atomic_write_table
+from pipeline.sentences import SentenceSplitter
+from pipeline.storage import atomic_write_table, read_table
 from .rundir import RunDir
 
 import pyarrow as pa
@@ -28,7 +29,8 @@ class DownloadWorker:
     def run(self, shard: int) -> dict:
         rows = self.run_dir.shard_rows(shard)
         return download_shard(shard, rows, self.run_dir.path("images"), self.cfg.download,
-                              self.cfg.run.shard_size, self.base_url or self.cfg.input.base_url)
+                              self.cfg.run.shard_size, self.base_url or self.cfg.input.base_url,
+                              own_server=self.base_url is not None)
 
 
 class CaptionsWorker:
@@ -45,6 +47,22 @@ class CaptionsWorker:
         return summarize(out)
 
 
+class SentencesWorker:
+    kind = "task"
+
+    def __init__(self, cfg: Config, root: str, base_url: str | None = None):
+        self.run_dir = RunDir(root)
+        self.splitter = SentenceSplitter(cfg.sentences)
+
+    def run(self, shard: int) -> dict:
+        captions = read_table(self.run_dir.output("captions", shard))
+        out = self.splitter.split_shard(captions)
+        atomic_write_table(self.run_dir.output("sentences", shard), out)
+        summary = summarize(out)
+        summary["excluded"] = dict(Counter(r for rs in out["exclude_reasons"].to_pylist() for r in rs or []))
+        return summary
+
+
 def summarize(out: pa.Table) -> dict:
     """{'rows', 'ok', 'reasons'} of a stage output with status/error columns."""
     reasons = Counter()
@@ -53,8 +71,8 @@ def summarize(out: pa.Table) -> dict:
     return {"rows": out.num_rows, "ok": reasons.pop(OK, 0), "reasons": dict(reasons)}
 
 
-WORKERS = {"download": DownloadWorker, "captions": CaptionsWorker}
-ORDER = ("download", "captions")
+WORKERS = {"download": DownloadWorker, "captions": CaptionsWorker, "sentences": SentencesWorker}
+ORDER = ("download", "captions", "sentences")
 
 
 def run_worker(worker, shard: int) -> dict:

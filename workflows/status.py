@@ -70,9 +70,15 @@ def _download_reasons(run: RunDir, shard: int) -> Counter:
 def _reasons(run: RunDir, stage: str, shard: int) -> Counter:
     if stage == "download":
         return _download_reasons(run, shard)
-    t = read_table(run.output(stage, shard), columns=["status", "error"])
-    return Counter(OK if s == OK else f"{s}: {(e or '').split(':')[0]}" for s, e in
-                   zip(t["status"].to_pylist(), t["error"].to_pylist()))
+    t = read_table(run.output(stage, shard))
+    excluded = t["exclude_reasons"].to_pylist() if "exclude_reasons" in t.column_names else [None] * t.num_rows
+    out = Counter()
+    for s, e, ex in zip(t["status"].to_pylist(), t["error"].to_pylist(), excluded):
+        if s != OK:
+            out[f"{s}: {(e or '').split(':')[0]}"] += 1
+        else:
+            out[f"ok, excluded from export ({', '.join(ex)})" if ex else OK] += 1
+    return out
 
 
 def format_status(st: dict) -> str:

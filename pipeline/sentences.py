@@ -1,0 +1,136 @@
+"""Sentences stage: normalise captions, split them into sentences with spaCy, measure quality.
+
+Text is Unicode-normalised (NFKC), control characters and runs of whitespace
+are cleaned, list bullets are removed; newlines are sentence boundaries. The
+sentences, joined back, cover every non-space character of the normalised
+caption unless a `strip` action removed text on purpose (recorded in `stripped`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+
+import pyarrow as pa
+
+from .quality import QualityChecker
+from .records import FAILED, OK, SENTENCES, SKIPPED, empty_row, table
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
+_SPACES = re.compile(r"[^\S\n]+")
+_BULLET = re.compile(r"^(?:[-*•·▪‣◦]|\d{1,3}[.)]|#{1,6})\s+")
+_EMPHASIS = re.compile(r"\*\*|__")
+
+
+def decode_text(value) -> tuple[str, bool]:
+    """Text from a str or bytes value; bytes that are not UTF-8 are decoded with replacement (flag True)."""
+    if value is None:
+        return "", False
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8"), False
+        except UnicodeDecodeError:
+            return bytes(value).decode("utf-8", errors="replace"), True
+    return str(value), False
+
+
+def normalize(text: str) -> str:
+    """NFKC, no control characters, single spaces, no list bullets or bold markers, one line per line."""
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _EMPHASIS.sub("", _CONTROL.sub(" ", text))
+    lines = (_BULLET.sub("", _SPACES.sub(" ", line).strip()) for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def _newline_boundaries(doc):
+    """A spaCy component: the token after a newline starts a sentence."""
+    for tok in doc[1:]:
+        prev = doc[tok.i - 1]
+        if "\n" in prev.text or "\n" in prev.whitespace_:
+            tok.is_sent_start = True
+    return doc
+
+
+@functools.lru_cache(maxsize=4)
+def load_nlp(name: str = "blank:en"):
+    """`blank:en` = blank English + sentencizer; anything else is spacy.load(name) (needs a sentence component)."""
+    import spacy
+    from spacy.language import Language
+
+    if "longcap_newlines" not in Language.factories:
+        Language.component("longcap_newlines", func=_newline_boundaries)
+    if name.startswith("blank:"):
+        nlp = spacy.blank(name.split(":", 1)[1])
+        nlp.add_pipe("sentencizer")
+    else:
+        try:
+            nlp = spacy.load(name, exclude=["ner", "lemmatizer", "textcat"])
+        except OSError as e:
+            raise ValueError(f"spaCy pipeline {name!r} is not installed ({e}); use 'blank:en' or install it") from None
+        if not ({"parser", "senter", "sentencizer"} & set(nlp.pipe_names)):
+            raise ValueError(f"spaCy pipeline {name!r} has no parser, senter or sentencizer: {nlp.pipe_names}")
+    nlp.add_pipe("longcap_newlines", first=True)
+    nlp.max_length = 10_000_000
+    return nlp
+
+
+def split_docs(texts: list[str], nlp, batch_size: int = 256) -> list[list[tuple[int, int]]]:
+    """Character spans of the sentences of each (normalised) text, whitespace trimmed."""
+    out = []
+    for doc in nlp.pipe(texts, batch_size=batch_size):
+        spans = []
+        for sent in doc.sents:
+            a, b = sent.start_char, sent.end_char
+            raw = doc.text[a:b]
+            a += len(raw) - len(raw.lstrip())
+            b -= len(raw) - len(raw.rstrip())
+            if b > a:
+                spans.append((a, b))
+        out.append(spans)
+    return out
+
+
+class SentenceSplitter:
+    """The stage's logic over a captions table (no Ray, no files)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.nlp = load_nlp(cfg.spacy_model)
+        self.quality = QualityChecker(cfg.quality)
+
+    def split_shard(self, captions: pa.Table) -> pa.Table:
+        rows = captions.select(["key", "captioner", "prompt_id", "text", "finish_reason", "status", "error"]).to_pylist()
+        todo, texts = [], []
+        out = []
+        for r in rows:
+            row = empty_row(SENTENCES, key=r["key"], captioner=r["captioner"], prompt_id=r["prompt_id"])
+            if r["status"] != OK:
+                row.update(status=SKIPPED, error=f"caption not ok ({r['status']}): {r['error']}",
+                           excluded=True, exclude_reasons=["no caption"])
+                out.append(row)
+                continue
+            raw, bad_utf8 = decode_text(r["text"])
+            text = normalize(raw)
+            row.update(text=text, invalid_utf8=bad_utf8)
+            todo.append((row, r["finish_reason"]))
+            texts.append(text)
+            out.append(row)
+        try:
+            spans = split_docs(texts, self.nlp, self.cfg.batch_size)
+        except Exception as e:  # one bad caption must not take the shard down: fall back to one by one
+            spans = [self._split_one(t) for t in texts]
+            del e
+        for (row, finish), body, sp in zip(todo, texts, spans):
+            if isinstance(sp, str):
+                row.update(status=FAILED, error=sp, excluded=True, exclude_reasons=["split failed"])
+                continue
+            self.quality.apply(row, body, sp, finish)
+            row["status"] = OK
+        return table(out, SENTENCES)
+
+    def _split_one(self, text: str):
+        try:
+            return split_docs([text], self.nlp)[0]
+        except Exception as e:  # noqa: BLE001 - recorded per caption
+            return f"sentence split failed: {type(e).__name__}: {e}"
