@@ -19,7 +19,7 @@ from .records import FAILED, OK, SENTENCES, SKIPPED, empty_row, table
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
 _SPACES = re.compile(r"[^\S\n]+")
-_BULLET = re.compile(r"^(?:[-*•·▪‣◦]|\d{1,3}[.)]|#{1,6})\s+")
+_BULLET = re.compile(r"^(?:(?:[-*•·▪‣◦]|\d{1,3}[.)]|#{1,6})\s+)+")
 _EMPHASIS = re.compile(r"\*\*|__")
 
 
@@ -111,6 +111,7 @@ class SentenceSplitter:
                 out.append(row)
                 continue
             raw, bad_utf8 = decode_text(r["text"])
+            bad_utf8 = bad_utf8 or "\ufffd" in raw  # replacement characters: bytes that were not UTF-8
             text = normalize(raw)
             row.update(text=text, invalid_utf8=bad_utf8)
             todo.append((row, r["finish_reason"]))

@@ -27,21 +27,34 @@ def detect_format(path: str) -> str:
 
 
 def read_one(path: str, fmt: str, url_col: str) -> pa.Table:
-    fmt = detect_format(path) if fmt == "auto" else fmt
+    return _read(path, detect_format(path) if fmt == "auto" else fmt, url_col)
+
+
+def as_text(col) -> pa.ChunkedArray:
+    """A column as strings; bytes that are not UTF-8 (CSV readers give them as binary) get U+FFFD."""
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        return pa.chunked_array([pa.array([None if b is None else b.decode("utf-8", errors="replace")
+                                           for b in col.to_pylist()], pa.string())])
+    return pc.cast(col, pa.string())
+
+
+def _read(path: str, fmt: str, url_col: str) -> pa.Table:
     compression = "gzip" if path.endswith(".gz") else None
     try:
         if fmt == "parquet":
             with fsspec.open(path, "rb") as f:
                 return pq.read_table(f)
         with fsspec.open(path, "rb", compression=compression) as f:
+            conv = pacsv.ConvertOptions()
             if fmt == "txt":
                 opts = pacsv.ReadOptions(column_names=[url_col])
                 parse = pacsv.ParseOptions(delimiter="\x01", quote_char=False)
-                return pacsv.read_csv(f, read_options=opts, parse_options=parse)
+                return pacsv.read_csv(f, read_options=opts, parse_options=parse, convert_options=conv)
             if fmt == "csv":
-                return pacsv.read_csv(f)
+                return pacsv.read_csv(f, convert_options=conv)
             if fmt == "tsv":
-                return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False))
+                return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+                                      convert_options=conv)
             return pajson.read_json(f)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
@@ -60,7 +73,7 @@ def read_url_lists(paths: list[str], fmt: str, url_col: str, caption_cols: list[
         if missing:
             raise InputError(f"{path}: missing column(s) {missing}; the file has {t.column_names}")
         t = t.select(wanted)
-        cols = [t[c] if c not in caption_cols + [url_col] else pc.cast(t[c], pa.string()) for c in wanted]
+        cols = [t[c] if c not in caption_cols + [url_col] else as_text(t[c]) for c in wanted]
         parts.append(pa.table(cols, names=["url" if c == url_col else c for c in wanted]))
     if not parts:
         raise InputError("no URL list files given")

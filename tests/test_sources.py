@@ -44,3 +44,9 @@ def test_missing_column_and_unknown_extension_are_named(tmp_path):
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(InputError, match="bad.parquet: cannot read as parquet"):
         read_url_lists([str(tmp_path / "bad.parquet")], "auto", "url", [], [])
+
+
+def test_bytes_that_are_not_utf8_keep_their_row(tmp_path):
+    (tmp_path / "l.csv").write_bytes(b"url,caption\nhttp://a/1.jpg,caf\xe9 au lait\nhttp://a/2.jpg,fine\n")
+    t = read_url_lists([str(tmp_path / "l.csv")], "auto", "url", ["caption"], [])
+    assert t["caption"].to_pylist() == ["caf\ufffd au lait", "fine"]

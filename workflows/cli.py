@@ -86,6 +86,18 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    import yaml
+
+    from pipeline.importers import import_corpus, write_url_list
+
+    table = import_corpus(args.format, args.src, args.url_col, _split_csv(args.caption_cols) or [])
+    snippet = write_url_list(table, args.out)
+    print(f"# {table.num_rows} rows written to {args.out}; use these config sections:")
+    print(yaml.safe_dump(snippet, sort_keys=False), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longcap", description="long-caption datasets and hierarchical VLM training")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--no-broken", action="store_true", help="leave out the deliberately broken URLs")
     y.set_defaults(fn=cmd_synth)
+
+    m = sub.add_parser("import", help="turn an existing recaptioned corpus into a URL list with source captions")
+    m.add_argument("format", choices=["dreamlip", "sharegpt4v", "pixelprose", "generic"])
+    m.add_argument("src", help="the corpus file (CSV, JSON, JSON lines or parquet)")
+    m.add_argument("out", help="the URL list to write (parquet)")
+    m.add_argument("--url-col", default="url", help="generic: the URL column")
+    m.add_argument("--caption-cols", help="generic: comma-separated caption columns")
+    m.set_defaults(fn=cmd_import)
     return p
 
 

@@ -1,0 +1,130 @@
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import ConfigError, SentencesSection, load_config
+from pipeline.records import CAPTIONS, empty_row
+from pipeline.sentences import SentenceSplitter, load_nlp, normalize
+
+from conftest import demo_config
+
+
+def captions(texts, finish=None, status="ok"):
+    return pa.Table.from_pylist([empty_row(CAPTIONS, key=f"{i:04d}", captioner="c", prompt_id="p", text=t,
+                                           finish_reason=finish, status=status) for i, t in enumerate(texts)],
+                                schema=CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def splitter():
+    return SentenceSplitter(SentencesSection())
+
+
+def split(splitter, texts, **kw):
+    return splitter.split_shard(captions(texts, **kw)).to_pylist()
+
+
+TEXT = st.text(st.characters(codec="utf-8"), max_size=400) | st.lists(
+    st.sampled_from(["A red cube.", "\n", "- ", "• two dogs", "1. ", "  ", "…", "!", "Mr. Smith", "😀", "\t", "**bold**"]),
+    max_size=30).map("".join)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(TEXT, min_size=1, max_size=5))
+def test_any_text_is_split_and_covered(splitter, texts):
+    rows = split(splitter, texts)
+    assert [r["key"] for r in rows] == [f"{i:04d}" for i in range(len(texts))]  # nothing lost
+    for raw, r in zip(texts, rows):
+        assert r["status"] == "ok"
+        text = r["text"]
+        assert text == normalize(raw) and normalize(text) == text
+        last = 0
+        for (a, b), s in zip(r["spans"], r["sentences"]):
+            assert last <= a < b <= len(text) and text[a:b] == s == s.strip()
+            last = b
+        if not r["stripped"]:  # nothing removed on purpose: every non-space character is in a sentence
+            covered = set()
+            for a, b in r["spans"]:
+                covered.update(range(a, b))
+            assert all(i in covered for i, c in enumerate(text) if not c.isspace())
+        assert r["excluded"] == bool(r["exclude_reasons"])
+
+
+def test_newlines_and_bullets_are_boundaries(splitter):
+    (r,) = split(splitter, ["Overview of the scene\n- a red cube on the left\n- a blue ball.  It   rolls.\n\n2) The end"])
+    assert r["sentences"] == ["Overview of the scene", "a red cube on the left", "a blue ball.", "It rolls.", "The end"]
+
+
+def test_bad_inputs_are_recorded_not_lost(splitter):
+    long_caption = ("word " * 40_000).strip()  # 200k characters, no punctuation
+    rows = split(splitter, ["caf\ufffd au lait, a cup on a table.", long_caption, "a dog running on the beach with no punctuation", "   \n\t ", "😀🐶🌈"])
+    assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
+    bad_utf8, long, nopunct, blank, emoji = rows
+    assert "invalid_utf8" in bad_utf8["flags"] and not bad_utf8["excluded"]
+    assert long["n_chars"] == 199_999 and "too_long" in long["flags"]
+    assert len(long["sentences"][0].split()) == 1000  # default strip cuts at max_words
+    assert "truncated" in nopunct["flags"] and not nopunct["excluded"] and nopunct["n_sentences"] == 1
+    assert blank["flags"] == ["empty"] and blank["excluded"] and blank["sentences"] == []
+    assert "non_alpha" in emoji["flags"] and emoji["excluded"]
+
+
+def test_non_utf8_bytes_are_decoded_and_flagged():
+    from pipeline.sentences import decode_text
+
+    text, bad = decode_text(b"caf\xe9 au lait")
+    assert bad and text == "caf\ufffd au lait"
+    assert decode_text("fine") == ("fine", False)
+
+
+def test_quality_flags_measure_values(splitter):
+    rows = split(splitter, [
+        "The image shows a red cube on a wooden table next to a lamp.",
+        "In this image, we can see a cat sleeping on a soft sofa.",
+        "A cat. A cat. A cat. A cat. A cat. A cat. A cat. A cat.",
+        "Two cats.",
+        "%%% ### 1234 5678 @@@ !!! a",
+    ])
+    bp, bp2, loop, short, junk = rows
+    assert bp["boilerplate"] == "The image shows " and bp["sentences"] == ["a red cube on a wooden table next to a lamp."]
+    assert bp["stripped"] == ["boilerplate: 'The image shows'"] and not bp["excluded"]
+    assert bp2["sentences"] == ["a cat sleeping on a soft sofa."]
+    assert loop["repetition"] > 0.6 and loop["excluded"] and "repetition" in loop["exclude_reasons"]
+    assert short["n_words"] == 2 and short["exclude_reasons"] == ["too_few_words"]
+    assert junk["alpha_frac"] < 0.1 and "non_alpha" in junk["flags"]
+
+
+def test_actions_from_config(splitter):
+    cfg = SentencesSection(quality={"actions": {"repetition": "strip", "truncated": "strip", "boilerplate": "keep"}})
+    s = SentenceSplitter(cfg)
+    loop, trunc, bp = s.split_shard(captions([
+        "A cat sits on a mat. A cat sits on a mat. A cat sits on a mat. A cat sits on a mat.",
+        "A red cube on a table. A blue ball next to it. And then the",
+        "The image shows a red cube on a wooden table.",
+    ])).to_pylist()
+    assert loop["sentences"] == ["A cat sits on a mat."] and not loop["excluded"]
+    assert loop["stripped"] == ["repetition: 3 repeated sentence(s)"]
+    assert trunc["sentences"] == ["A red cube on a table.", "A blue ball next to it."]
+    assert bp["sentences"] == ["The image shows a red cube on a wooden table."] and "boilerplate" in bp["flags"]
+    (gen,) = s.split_shard(captions(["A red cube on a table. A blue ball."], finish="length")).to_pylist()
+    assert gen["truncated"] == "hit the token limit"
+
+
+def test_skipped_captions_stay_accounted(splitter):
+    (r,) = split(splitter, ["whatever"], status="skipped")
+    assert r["status"] == "skipped" and r["excluded"] and r["sentences"] is None
+
+
+def test_config_rejects_bad_actions_and_regexes(tmp_path):
+    base = demo_config(tmp_path)
+    for quality, msg in [({"actions": {"empty": "strip"}}, "'empty' cannot be stripped"),
+                         ({"actions": {"loud": "keep"}}, "unknown flag 'loud'"),
+                         ({"actions": {"empty": "drop"}}, "'keep', 'strip' or 'exclude'"),
+                         ({"openings": ["(unclosed"]}, "not a valid regex")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(data={**base, "sentences": {"quality": quality}})
+
+
+def test_unknown_spacy_pipeline_is_a_clear_error():
+    with pytest.raises(ValueError, match="spaCy pipeline 'xx_not_installed' is not installed"):
+        load_nlp("xx_not_installed")
