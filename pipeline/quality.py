@@ -27,8 +27,8 @@ def repetition_ratio(words: list[str], n: int) -> float:
 
 
 def alpha_fraction(text: str) -> float:
-    chars = [c for c in text if not c.isspace()]
-    return sum(c.isalpha() for c in chars) / len(chars) if chars else 0.0
+    visible = len(text) - sum(map(str.isspace, text))
+    return sum(map(str.isalpha, text)) / visible if visible else 0.0
 
 
 class QualityChecker:
@@ -37,8 +37,12 @@ class QualityChecker:
         self.actions = {**DEFAULT_ACTIONS, **cfg.actions}
         self.opening = re.compile("^(?:" + "|".join(cfg.openings or DEFAULT_OPENINGS) + ")", re.I)
 
-    def measure(self, text: str, finish_reason: str | None) -> dict:
-        words = text.lower().split()
+    def measure(self, text: str, finish_reason: str | None, tokens: dict | None = None) -> dict:
+        """Measured values; `tokens` (n_words, alpha_frac, repetition) may come from spaCy's arrays."""
+        if tokens is None:
+            words = text.lower().split()
+            tokens = {"n_words": len(words), "alpha_frac": round(alpha_fraction(text), 4),
+                      "repetition": round(repetition_ratio(words, self.cfg.repetition_n), 4)}
         m = self.opening.match(text)
         if finish_reason == "length":
             truncated = "hit the token limit"
@@ -46,9 +50,7 @@ class QualityChecker:
             truncated = "ends mid-sentence"
         else:
             truncated = ""
-        return {"n_chars": len(text), "n_words": len(words),
-                "repetition": round(repetition_ratio(words, self.cfg.repetition_n), 4),
-                "alpha_frac": round(alpha_fraction(text), 4),
+        return {"n_chars": len(text), **tokens,
                 "boilerplate": m.group(0) if m and m.group(0).strip() else "", "truncated": truncated}
 
     def flags(self, v: dict, invalid_utf8: bool) -> list[str]:
@@ -65,9 +67,10 @@ class QualityChecker:
         }
         return [f for f in FLAGS if checks[f]]
 
-    def apply(self, row: dict, text: str, spans: list[tuple[int, int]], finish_reason: str | None) -> None:
+    def apply(self, row: dict, text: str, spans: list[tuple[int, int]], finish_reason: str | None,
+              tokens: dict | None = None) -> None:
         """Fill a sentences row: measured values, flags, strip actions, kept sentences, exclusion."""
-        v = self.measure(text, finish_reason)
+        v = self.measure(text, finish_reason, tokens)
         flags = self.flags(v, bool(row.get("invalid_utf8")))
         spans, stripped = self._strip(text, list(spans), flags, v)
         reasons = [f for f in flags if self.actions[f] == "exclude"]

@@ -67,7 +67,23 @@ def empty_row(schema: pa.Schema, **values) -> dict:
 
 
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=schema)
+    """Rows -> a table of `schema`, built column by column (much faster than from_pylist for list columns)."""
+    return pa.table([_column([r.get(f.name) for r in rows], f.type) for f in schema], schema=schema)
+
+
+def _column(values: list, typ: pa.DataType) -> pa.Array:
+    if pa.types.is_list(typ) and pa.types.is_list(typ.value_type):  # list<list<int>>: build from offsets
+        inner_t = typ.value_type.value_type
+        outer_off, inner_off, flat, mask = [0], [0], [], []
+        for v in values:
+            mask.append(v is None)
+            for inner in v or ():
+                flat.extend(inner)
+                inner_off.append(len(flat))
+            outer_off.append(len(inner_off) - 1)
+        inner = pa.ListArray.from_arrays(pa.array(inner_off, pa.int32()), pa.array(flat, inner_t))
+        return pa.ListArray.from_arrays(pa.array(outer_off, pa.int32()), inner, mask=pa.array(mask, pa.bool_()))
+    return pa.array(values, typ)
 
 
 def key_seed(run_seed: int, stage: str, key: str) -> int:

@@ -12,6 +12,8 @@ import functools
 import re
 import unicodedata
 
+import numpy as np
+
 import pyarrow as pa
 
 from .quality import QualityChecker
@@ -37,18 +39,30 @@ def decode_text(value) -> tuple[str, bool]:
 
 def normalize(text: str) -> str:
     """NFKC, no control characters, single spaces, no list bullets or bold markers, one line per line."""
-    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _EMPHASIS.sub("", _CONTROL.sub(" ", text))
-    lines = (_BULLET.sub("", _SPACES.sub(" ", line).strip()) for line in text.split("\n"))
+    if not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if _CONTROL.search(text):
+        text = _CONTROL.sub(" ", text)
+    if "**" in text or "__" in text:
+        text = _EMPHASIS.sub("", text)
+    text = _SPACES.sub(" ", text)
+    if "\n" not in text:
+        return _BULLET.sub("", text.strip())
+    lines = (_BULLET.sub("", line.strip()) for line in text.split("\n"))
     return "\n".join(line for line in lines if line)
 
 
 def _newline_boundaries(doc):
-    """A spaCy component: the token after a newline starts a sentence."""
-    for tok in doc[1:]:
-        prev = doc[tok.i - 1]
-        if "\n" in prev.text or "\n" in prev.whitespace_:
-            tok.is_sent_start = True
+    """A spaCy component: the token after a newline starts a sentence (newlines are whitespace tokens)."""
+    from spacy.attrs import IS_SPACE
+
+    if len(doc) < 2:
+        return doc
+    for i in doc.to_array([IS_SPACE]).nonzero()[0]:
+        if i + 1 < len(doc) and "\n" in doc[int(i)].text:
+            doc[int(i) + 1].is_sent_start = True
     return doc
 
 
@@ -75,20 +89,41 @@ def load_nlp(name: str = "blank:en"):
     return nlp
 
 
-def split_docs(texts: list[str], nlp, batch_size: int = 256) -> list[list[tuple[int, int]]]:
-    """Character spans of the sentences of each (normalised) text, whitespace trimmed."""
+def split_docs(texts: list[str], nlp, batch_size: int = 256, repetition_n: int = 4) -> list:
+    """Per text: (sentence spans with whitespace trimmed, token measures from spaCy's arrays)."""
     out = []
-    for doc in nlp.pipe(texts, batch_size=batch_size):
+    for text, doc in zip(texts, nlp.pipe(texts, batch_size=batch_size)):
         spans = []
         for sent in doc.sents:
             a, b = sent.start_char, sent.end_char
-            raw = doc.text[a:b]
+            raw = text[a:b]
             a += len(raw) - len(raw.lstrip())
             b -= len(raw) - len(raw.rstrip())
             if b > a:
                 spans.append((a, b))
-        out.append(spans)
+        out.append((spans, token_measures(doc, repetition_n)))
     return out
+
+
+def token_measures(doc, n: int) -> dict:
+    """Word count, letters / visible characters, and the word n-gram repetition ratio, vectorised."""
+    from spacy.attrs import IS_ALPHA, IS_PUNCT, IS_SPACE, LENGTH, LOWER
+
+    if len(doc) == 0:
+        return {"n_words": 0, "alpha_frac": 0.0, "repetition": 0.0}
+    arr = doc.to_array([IS_ALPHA, IS_PUNCT, IS_SPACE, LENGTH, LOWER])
+    alpha, punct, space, length, lower = arr.T
+    visible = length[space == 0].sum()
+    words = lower[(space == 0) & (punct == 0)]
+    rep = 0.0
+    if len(words) >= n:
+        grams = np.zeros(len(words) - n + 1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for i in range(n):
+                grams = grams * np.uint64(1_000_003) + words[i:len(words) - n + 1 + i]
+        rep = 1.0 - len(np.unique(grams)) / len(grams)
+    return {"n_words": int(len(words)), "alpha_frac": float(length[alpha == 1].sum() / visible) if visible else 0.0,
+            "repetition": round(rep, 4)}
 
 
 class SentenceSplitter:
@@ -117,21 +152,21 @@ class SentenceSplitter:
             todo.append((row, r["finish_reason"]))
             texts.append(text)
             out.append(row)
+        n = self.cfg.quality.repetition_n
         try:
-            spans = split_docs(texts, self.nlp, self.cfg.batch_size)
-        except Exception as e:  # one bad caption must not take the shard down: fall back to one by one
-            spans = [self._split_one(t) for t in texts]
-            del e
-        for (row, finish), body, sp in zip(todo, texts, spans):
-            if isinstance(sp, str):
-                row.update(status=FAILED, error=sp, excluded=True, exclude_reasons=["split failed"])
+            results = split_docs(texts, self.nlp, self.cfg.batch_size, n)
+        except Exception:  # noqa: BLE001 - one bad caption must not take the shard down: one by one
+            results = [self._split_one(t) for t in texts]
+        for (row, finish), body, res in zip(todo, texts, results):
+            if isinstance(res, str):
+                row.update(status=FAILED, error=res, excluded=True, exclude_reasons=["split failed"])
                 continue
-            self.quality.apply(row, body, sp, finish)
+            self.quality.apply(row, body, res[0], finish, res[1])
             row["status"] = OK
         return table(out, SENTENCES)
 
     def _split_one(self, text: str):
         try:
-            return split_docs([text], self.nlp)[0]
+            return split_docs([text], self.nlp, repetition_n=self.cfg.quality.repetition_n)[0]
         except Exception as e:  # noqa: BLE001 - recorded per caption
             return f"sentence split failed: {type(e).__name__}: {e}"
