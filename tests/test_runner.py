@@ -124,3 +124,18 @@ def test_sigkill_mid_stage_then_resume_gives_identical_outputs(ray_session, clea
     assert outputs(run_dir) == outputs(clean_run)
     assert not list(run_dir.rglob("*.tmp-*"))
     assert keys_of(run_dir, "captions") == keys_of(clean_run, "captions")
+
+
+def test_clean_stale_removes_leftovers_of_killed_writers(tmp_path):
+    from workflows.rundir import RunDir
+
+    leftovers = ["manifest.json.tmp-1a2b", "images/00001.parquet.tmp-3c4d", "images/_shards/00002.parquet.tmp-5e6f",
+                 "captions/00000.parquet.tmp-7a8b", "sentences/00003.parquet.tmp-9c0d"]
+    keep = ["images/00001.tar", "captions/00000.parquet"]
+    for rel in leftovers + keep:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    (tmp_path / "images" / "_staging" / "00004-abcd").mkdir(parents=True)
+    assert RunDir(tmp_path).clean_stale() == len(leftovers)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(keep)
+    assert not (tmp_path / "images" / "_staging").exists()

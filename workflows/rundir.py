@@ -45,7 +45,8 @@ class RunDir:
 
     def clean_stale(self) -> int:
         """Remove what killed writers left: *.tmp-* files and img2dataset staging folders."""
-        n = sum(remove_stale_tmp(self.path(d)) for d in set(STAGE_DIRS.values()))
+        folders = [self.root, self.path("images", "_shards")] + [self.path(d) for d in set(STAGE_DIRS.values())]
+        n = sum(remove_stale_tmp(f) for f in folders)
         staging = f"{self._path}/images/_staging"
         if self.fs.exists(staging):
             self.fs.rm(staging, recursive=True)
