@@ -20,7 +20,7 @@ from .quality import QualityChecker
 from .records import FAILED, OK, SENTENCES, SKIPPED, empty_row, table
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
-_SPACES = re.compile(r"[^\S\n]+")
+_SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")  # runs of spaces, or any other non-newline whitespace
 _BULLET = re.compile(r"^(?:(?:[-*•·▪‣◦]|\d{1,3}[.)]|#{1,6})\s+)+")
 _EMPHASIS = re.compile(r"\*\*|__")
 
