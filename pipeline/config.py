@@ -15,7 +15,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("download", "captions", "sentences")
+STAGES = ("download", "captions", "sentences", "export")
 
 
 class ConfigError(ValueError):
@@ -146,6 +146,13 @@ class SentencesSection(Strict):
     quality: QualitySection = Field(default_factory=QualitySection)
 
 
+class ExportSection(Strict):
+    min_sentences: int = Field(1, ge=0, description="captions with fewer sentences are left out of a sample")
+    min_image_size: int = Field(0, ge=0, description="original short side below this: key not exported")
+    max_samples: int = Field(10_000, ge=1, description="samples per export tar")
+    max_bytes: int = Field(1_000_000_000, ge=1_000_000, description="bytes per export tar (approximate)")
+
+
 class Config(Strict):
     run: RunSection
     ray: RaySection = Field(default_factory=RaySection)
@@ -153,6 +160,7 @@ class Config(Strict):
     download: DownloadSection = Field(default_factory=DownloadSection)
     captioners: list[CaptionerSection] = Field(default_factory=lambda: [CaptionerSection(name="source", backend="source")])
     sentences: SentencesSection = Field(default_factory=SentencesSection)
+    export: ExportSection = Field(default_factory=ExportSection)
 
     @model_validator(mode="after")
     def _cross_checks(self):

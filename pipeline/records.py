@@ -57,7 +57,21 @@ SENTENCES = pa.schema([
     pa.field("error", pa.string()),
 ])
 
-SCHEMAS = {"captions": CAPTIONS, "sentences": SENTENCES}
+EXPORT_INDEX = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),  # pipeline shard
+    pa.field("url", pa.string()),
+    pa.field("width", pa.int32()),  # stored image size
+    pa.field("height", pa.int32()),
+    pa.field("n_captions", pa.int32()),  # kept captions in the sample
+    pa.field("max_sentences", pa.int32()),
+    pa.field("captioners", pa.list_(pa.string())),
+    pa.field("exported", pa.bool_(), nullable=False),
+    pa.field("reasons", pa.list_(pa.string())),  # why not exported
+    pa.field("tar", pa.string()),  # export tar holding the sample
+])
+
+SCHEMAS = {"captions": CAPTIONS, "sentences": SENTENCES, "export": EXPORT_INDEX}
 
 
 def empty_row(schema: pa.Schema, **values) -> dict:

@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.download import shard_name
 from .rundir import RunDir
 from .serve import serve_folder
-from .stages import ORDER, WORKERS, run_worker
+from .stages import ORDER, WORKERS, run_worker, write_export_index
 
 log = logging.getLogger("longcap")
 
@@ -122,6 +122,10 @@ class Runner:
         need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
         with (serve_folder(self.run.serve_dir(self.cfg)) if need_server else contextlib.nullcontext()) as base:
             self._loop(shards, pending, base, result)
+        if "export" in self.stages:
+            n = write_export_index(self.run, all_shards)
+            if n is not None:
+                log.info("export/index.parquet: %d exported keys", n)
         return result
 
     def _loop(self, shards, pending, base_url, result: RunResult) -> None:

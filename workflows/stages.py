@@ -11,13 +11,15 @@ from collections import Counter
 
 from pipeline.captions import build_captioner
 from pipeline.config import Config
-from pipeline.download import download_shard, read_images_meta
+from pipeline.download import download_shard, read_images_meta, shard_name
+from pipeline.export import export_shard
 from pipeline.records import CAPTIONS, OK
 from pipeline.sentences import SentenceSplitter
 from pipeline.storage import atomic_write_table, read_table
 from .rundir import RunDir
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 
 class DownloadWorker:
@@ -63,6 +65,32 @@ class SentencesWorker:
         return summary
 
 
+class ExportWorker:
+    kind = "task"
+
+    def __init__(self, cfg: Config, root: str, base_url: str | None = None):
+        self.cfg, self.run_dir = cfg, RunDir(root)
+
+    def run(self, shard: int) -> dict:
+        name = shard_name(shard)
+        index, summary = export_shard(name, read_images_meta(self.run_dir.path("images"), shard),
+                                      self.run_dir.path("images", f"{name}.tar"),
+                                      read_table(self.run_dir.output("sentences", shard)),
+                                      self.run_dir.path("export"), self.cfg.export)
+        atomic_write_table(self.run_dir.output("export", shard), index)
+        return summary
+
+
+def write_export_index(run_dir: RunDir, shards: list[int]) -> int | None:
+    """export/index.parquet: the exported keys of every shard, once all shards are exported."""
+    if not all(run_dir.is_done("export", s) for s in shards):
+        return None
+    parts = [read_table(run_dir.output("export", s)) for s in shards]
+    index = pa.concat_tables(parts).filter(pa.compute.field("exported"))
+    atomic_write_table(run_dir.path("export", "index.parquet"), index)
+    return index.num_rows
+
+
 def summarize(out: pa.Table) -> dict:
     """{'rows', 'ok', 'reasons'} of a stage output with status/error columns."""
     reasons = Counter()
@@ -71,8 +99,9 @@ def summarize(out: pa.Table) -> dict:
     return {"rows": out.num_rows, "ok": reasons.pop(OK, 0), "reasons": dict(reasons)}
 
 
-WORKERS = {"download": DownloadWorker, "captions": CaptionsWorker, "sentences": SentencesWorker}
-ORDER = ("download", "captions", "sentences")
+WORKERS = {"download": DownloadWorker, "captions": CaptionsWorker, "sentences": SentencesWorker,
+           "export": ExportWorker}
+ORDER = ("download", "captions", "sentences", "export")
 
 
 def run_worker(worker, shard: int) -> dict:

@@ -71,6 +71,9 @@ def _reasons(run: RunDir, stage: str, shard: int) -> Counter:
     if stage == "download":
         return _download_reasons(run, shard)
     t = read_table(run.output(stage, shard))
+    if "exported" in t.column_names:
+        return Counter(OK if ok else "not exported: " + "; ".join(r.split(":")[0] for r in why)
+                       for ok, why in zip(t["exported"].to_pylist(), t["reasons"].to_pylist()))
     excluded = t["exclude_reasons"].to_pylist() if "exclude_reasons" in t.column_names else [None] * t.num_rows
     out = Counter()
     for s, e, ex in zip(t["status"].to_pylist(), t["error"].to_pylist(), excluded):

@@ -1,0 +1,161 @@
+"""Export stage: training-ready webdataset shards (<key>.jpg + <key>.json) and a per-key index.
+
+For each pipeline shard it writes export/<shard>-<part>.tar (parts cut at
+`max_samples` samples or `max_bytes` bytes) and export/<shard>.parquet with a
+row for every key of the shard: exported or not, and why not. index.parquet
+(exported keys of all shards) is assembled from those when the stage is done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter, defaultdict
+
+import fsspec
+import pyarrow as pa
+
+from .records import EXPORT_INDEX, OK, download_reason, table
+from .storage import tmp_name
+
+
+def image_members(tar_path: str):
+    """Yields (key, {ext: bytes}) from an img2dataset tar whose members are grouped by key."""
+    with fsspec.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        key, files = None, {}
+        for m in tf:
+            if not m.isfile():
+                continue
+            k, _, ext = m.name.partition(".")
+            if k != key and key is not None:
+                yield key, files
+                files = {}
+            key = k
+            files[ext] = tf.extractfile(m).read()
+        if key is not None:
+            yield key, files
+
+
+def captions_by_key(sentences: pa.Table, min_sentences: int) -> tuple[dict, dict]:
+    """Kept captions per key, and per key the reasons its other captions were left out."""
+    kept, dropped = defaultdict(list), defaultdict(list)
+    cols = ["key", "captioner", "prompt_id", "text", "sentences", "flags", "excluded", "exclude_reasons", "status", "error"]
+    for r in sentences.select(cols).to_pylist():
+        if r["status"] != OK:
+            dropped[r["key"]].append(f"{r['captioner']}/{r['prompt_id']}: {r['status']}")
+        elif r["excluded"]:
+            dropped[r["key"]].append(f"{r['captioner']}/{r['prompt_id']}: {', '.join(r['exclude_reasons'])}")
+        elif len(r["sentences"]) < min_sentences:
+            dropped[r["key"]].append(f"{r['captioner']}/{r['prompt_id']}: fewer than {min_sentences} sentences")
+        else:
+            kept[r["key"]].append({"captioner": r["captioner"], "prompt_id": r["prompt_id"], "text": r["text"],
+                                   "sentences": r["sentences"], "flags": r["flags"]})
+    return kept, dropped
+
+
+class TarParts:
+    """Writes <prefix>-<part>.tar files, each committed by rename, cut at a sample or byte limit."""
+
+    def __init__(self, prefix: str, max_samples: int, max_bytes: int):
+        self.prefix, self.max_samples, self.max_bytes = prefix, max_samples, max_bytes
+        self.part, self.count, self.size, self.tar, self.fobj, self.tmp = -1, 0, 0, None, None, None
+        self.written: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}-{self.part:03d}.tar"
+
+    def add(self, key: str, files: dict[str, bytes]) -> str:
+        size = sum(len(v) + 1024 for v in files.values())
+        if self.tar is None or self.count >= self.max_samples or (self.count and self.size + size > self.max_bytes):
+            self._next()
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self.tar.addfile(info, io.BytesIO(data))
+        self.count, self.size = self.count + 1, self.size + size
+        return self.name.rsplit("/", 1)[-1]
+
+    def _next(self) -> None:
+        self.close()
+        self.part, self.count, self.size = self.part + 1, 0, 0
+        self.tmp = tmp_name(self.name)
+        self.fobj = fsspec.open(self.tmp, "wb").open()
+        self.tar = tarfile.open(fileobj=self.fobj, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        self.fobj.close()
+        fs, p = fsspec.core.url_to_fs(self.tmp)
+        fs.mv(p, fsspec.core.url_to_fs(self.name)[1])
+        self.written.append(self.name)
+        self.tar = None
+
+
+def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, sentences: pa.Table,
+                 out_dir: str, cfg) -> tuple[pa.Table, dict]:
+    """Write the shard's export tars; returns its index (every key, exported or not) and a summary."""
+    kept, dropped = captions_by_key(sentences, cfg.min_sentences)
+    meta = {r["key"]: r for r in images_meta.select(
+        ["key", "url", "status", "error_message", "width", "height", "original_width", "original_height"]).to_pylist()}
+    images = _Images(images_tar)
+    parts = TarParts(f"{out_dir}/{shard_name}", cfg.max_samples, cfg.max_bytes)
+    rows, reasons = [], Counter()
+    try:
+        for key in sorted(meta):
+            m = meta[key]
+            why = _exclusion(m, kept.get(key), dropped.get(key), cfg)
+            row = {"key": key, "shard": shard_name, "url": m["url"], "width": m["width"], "height": m["height"],
+                   "n_captions": len(kept.get(key, [])), "exported": not why, "reasons": why, "tar": None,
+                   "captioners": sorted({c["captioner"] for c in kept.get(key, [])}),
+                   "max_sentences": max((len(c["sentences"]) for c in kept.get(key, [])), default=0)}
+            if download_reason(m["status"], m["error_message"]) == OK:
+                files = images.get(key)
+                if not why:
+                    doc = {"key": key, "url": m["url"], "width": m["width"], "height": m["height"],
+                           "original_width": m["original_width"], "original_height": m["original_height"],
+                           "captions": kept[key]}
+                    ext = "jpg" if "jpg" in files else next(e for e in files if e not in ("json", "txt"))
+                    row["tar"] = parts.add(key, {"jpg" if ext == "jpg" else ext: files[ext],
+                                                 "json": json.dumps(doc, ensure_ascii=False).encode()})
+            reasons.update(why or [OK])
+            rows.append(row)
+    finally:
+        parts.close()
+    index = table(rows, EXPORT_INDEX)
+    n_ok = sum(r["exported"] for r in rows)
+    return index, {"rows": len(rows), "ok": n_ok, "reasons": {k: v for k, v in reasons.items() if k != OK},
+                   "tars": len(parts.written)}
+
+
+class _Images:
+    """Walks a key-sorted tar alongside key-sorted metadata."""
+
+    def __init__(self, tar_path: str):
+        self.it, self.pending = image_members(tar_path), None
+
+    def get(self, key: str) -> dict:
+        while True:
+            item = self.pending or next(self.it, None)
+            self.pending = None
+            if item is None or item[0] > key:
+                self.pending = item
+                raise ValueError(f"image {key} is marked downloaded but is missing from the shard's tar")
+            if item[0] == key:
+                return item[1]
+
+
+def _exclusion(m: dict, kept: list | None, dropped: list | None, cfg) -> list[str]:
+    reason = download_reason(m["status"], m["error_message"])
+    if reason != OK:
+        return [f"no image ({reason})"]
+    why = []
+    if not kept:
+        why.append("no caption left" + (f": {'; '.join(dropped)}" if dropped else ""))
+    side = min(m["original_width"] or 0, m["original_height"] or 0)
+    if side < cfg.min_image_size:
+        why.append(f"image smaller than {cfg.min_image_size} px ({m['original_width']}x{m['original_height']})")
+    return why

@@ -1,0 +1,70 @@
+import glob
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+import yaml
+
+from pipeline.export import TarParts
+from workflows.cli import main
+
+from conftest import demo_config
+
+
+@pytest.fixture(scope="module")
+def exported(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    run_dir = tmp / "run"
+    # captions of fewer than 45 words are excluded, and every tar holds at most 1 sample
+    cfg = demo_config(run_dir, **{"sentences.quality.min_words": 45, "export.max_samples": 1})
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp / "cfg.yaml"), "--no-progress"]) == 0
+    return run_dir
+
+
+def test_every_key_accounted_for_with_reasons(exported):
+    images = {r["key"]: r for f in sorted(glob.glob(str(exported / "images" / "0*.parquet")))
+              for r in pq.read_table(f, columns=["key", "status"]).to_pylist()}
+    sents = {r["key"]: r for f in sorted(glob.glob(str(exported / "sentences" / "0*.parquet")))
+             for r in pq.read_table(f, columns=["key", "n_words", "excluded"]).to_pylist()}
+    rows = [r for f in sorted(glob.glob(str(exported / "export" / "0*.parquet"))) for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["key"] for r in rows) == sorted(images)  # every key, once
+    for r in rows:
+        if images[r["key"]]["status"] != "success":
+            assert not r["exported"] and r["reasons"][0].startswith("no image (")
+        elif sents[r["key"]]["n_words"] < 45:
+            assert not r["exported"] and "too_few_words" in r["reasons"][0]
+        else:
+            assert r["exported"] and r["reasons"] == [] and r["tar"].endswith(".tar")
+    n_ok = sum(r["exported"] for r in rows)
+    assert 0 < n_ok < 9  # some exported, some excluded by the word limit
+    index = pq.read_table(exported / "export" / "index.parquet")
+    assert sorted(index["key"].to_pylist()) == sorted(r["key"] for r in rows if r["exported"])
+
+
+def test_plain_webdataset_and_datasets_read_the_export(exported):
+    tars = sorted(glob.glob(str(exported / "export" / "*.tar")))
+    index = pq.read_table(exported / "export" / "index.parquet").to_pylist()
+    assert len(tars) == len(index)  # max_samples = 1: one tar per sample
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("jpg", "json"))
+    assert len(samples) == len(index)
+    truth = {r["caption"]: r for r in pq.read_table(exported / "synth" / "truth.parquet").to_pylist()}
+    for img, meta in samples:
+        assert img.size == (128, 128)
+        cap = meta["captions"][0]
+        assert cap["captioner"] == "source" and cap["prompt_id"] == "caption"
+        assert cap["sentences"] == [s["text"] for s in truth[cap["text"]]["sentences"]]
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(exported / "export" / "index.parquet"), split="train")
+    assert sorted(ds["key"]) == sorted(r["key"] for r in index)
+
+
+def test_tar_parts_cut_by_bytes(tmp_path):
+    parts = TarParts(str(tmp_path / "00000"), max_samples=100, max_bytes=8000)  # ~3.6 kB per sample with headers
+    names = [parts.add(f"k{i}", {"jpg": b"x" * 1500, "json": json.dumps({"i": i}).encode()}) for i in range(6)]
+    parts.close()
+    assert names == ["00000-000.tar", "00000-000.tar", "00000-001.tar", "00000-001.tar", "00000-002.tar",
+                     "00000-002.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-000.tar", "00000-001.tar", "00000-002.tar"]
