@@ -1,0 +1,175 @@
+"""Training loader over export shards: webdataset streaming -> image tensors + chunked, tokenised captions.
+
+Per sample: decode the JPEG (pixel limit, corrupt files skipped with a logged
+reason), resize and centre-crop to the model's size, normalise (CLIP
+mean/std); pick one long caption and chunk it into K sub-captions (random
+chunking in training, balanced in evaluation), add N-K sub-captions drawn
+from the image's other captions, tokenise with open_clip's CLIP BPE
+tokenizer. Batches hold padded tensors with masks. Randomness is seeded per
+(seed, epoch, key), so a sample gets the same chunks whatever worker reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.chunking import balanced_chunks, chunk_texts, random_chunks, sample_subcaptions
+from pipeline.records import key_seed
+
+log = logging.getLogger("longcap.data")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 224
+    n_sub: int = 8  # N sub-captions per image
+    k_chunks: int = 4  # K of them from one long caption (input of the whole-caption encoder)
+    max_chunk: int = 3  # sentences per chunk at most
+    context_length: int = 77
+    batch_size: int = 32
+    train: bool = True
+    seed: int = 0
+    epoch: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # sample shards with replacement (multi-epoch streaming)
+    epoch_samples: int | None = None  # with resampled: samples per epoch per worker
+    rank: int = 0
+    world_size: int = 1
+    max_pixels: int = 89_478_485
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        if im.width * im.height > max_pixels:
+            raise ValueError(f"{im.width}x{im.height} is over the pixel limit {max_pixels}")
+        im.load()
+        return im.convert("RGB")
+
+
+@functools.lru_cache(maxsize=4)
+def image_transform(size: int):
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
+    """CLIP BPE token ids [len(texts), context_length]; repeated texts are encoded once."""
+    import open_clip
+
+    unique = list(dict.fromkeys(texts))
+    tokens = open_clip.tokenize(unique, context_length=context_length)
+    if len(unique) == len(texts):
+        return tokens
+    where = {t: i for i, t in enumerate(unique)}
+    return tokens[[where[t] for t in texts]]
+
+
+def pick_texts(captions: list[dict], rng: random.Random, cfg: DataConfig) -> tuple[list[str], int]:
+    """The N sub-captions of one sample; the first `k` come from one long caption."""
+    caps = [c for c in captions if c.get("sentences")]
+    if not caps:
+        return [], 0
+    if cfg.train:  # any caption of two sentences or more can be the long one
+        long = rng.choice([c for c in caps if len(c["sentences"]) >= 2] or caps)
+        chunks = random_chunks(len(long["sentences"]), cfg.k_chunks, rng, cfg.max_chunk)
+    else:
+        long = max(caps, key=lambda c: len(c["sentences"]))
+        chunks = balanced_chunks(len(long["sentences"]), cfg.k_chunks)
+    texts = chunk_texts(long["sentences"], chunks)
+    k = len(texts)
+    others = [c for c in caps if c is not long] or [long]
+    for _ in range(cfg.n_sub - cfg.k_chunks):
+        o = rng.choice(others)
+        texts += chunk_texts(o["sentences"], sample_subcaptions(len(o["sentences"]), 1, rng, cfg.max_chunk))
+    return texts, k
+
+
+class SampleBuilder:
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    def __call__(self, sample: dict):
+        key = sample.get("__key__")
+        where = sample.get("__url__", "?")
+        try:
+            image = decode_image(sample["jpg"], self.cfg.max_pixels)
+            meta = json.loads(sample["json"])
+        except Exception as e:  # noqa: BLE001 - a bad sample is skipped and said, never a crash
+            log.warning("skipping sample %s in %s: %s: %s", key, where, type(e).__name__, e)
+            return None
+        stage = f"loader:{self.cfg.epoch}" if self.cfg.train else "loader:eval"
+        rng = random.Random(key_seed(self.cfg.seed, stage, key))
+        texts, k = pick_texts(meta.get("captions", []), rng, self.cfg)
+        if not texts:
+            log.warning("skipping sample %s in %s: no captions with sentences", key, where)
+            return None
+        return {"key": key, "url": where, "image": image_transform(self.cfg.image_size)(image),
+                "tokens": tokenize(texts, self.cfg.context_length), "n_whole": k, "texts": texts}
+
+
+def collate(samples: list[dict], n_sub: int, context_length: int) -> dict:
+    b = len(samples)
+    tokens = torch.zeros(b, n_sub, context_length, dtype=torch.long)
+    valid = torch.zeros(b, n_sub, dtype=torch.bool)
+    whole = torch.zeros(b, n_sub, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = s["tokens"].shape[0]
+        tokens[i, :n] = s["tokens"]
+        valid[i, :n] = True
+        whole[i, :s["n_whole"]] = True
+    return {"image": torch.stack([s["image"] for s in samples]), "tokens": tokens, "valid": valid,
+            "whole": whole, "keys": [s["key"] for s in samples], "urls": [s["url"] for s in samples],
+            "texts": [s["texts"] for s in samples]}
+
+
+def _split_by_rank(src, rank: int, world_size: int):
+    for i, url in enumerate(src):
+        if i % world_size == rank:
+            yield url
+
+
+def _is_sample(s) -> bool:
+    return s is not None
+
+
+def _log_and_continue(exn) -> bool:
+    log.warning("skipping unreadable data: %s: %s", type(exn).__name__, exn)
+    return True
+
+
+def dataset(urls: list[str], cfg: DataConfig) -> wds.WebDataset:
+    """The sample stream of this rank (and, inside a DataLoader, of this worker), batched."""
+    ds = wds.WebDataset(
+        urls, resampled=cfg.resampled, shardshuffle=(100 if cfg.train and not cfg.resampled else False),
+        detshuffle=True, seed=cfg.seed + cfg.epoch, handler=_log_and_continue, empty_check=False,
+        nodesplitter=functools.partial(_split_by_rank, rank=cfg.rank, world_size=cfg.world_size),
+    )
+    if cfg.train:
+        ds = ds.shuffle(cfg.shuffle_buffer, rng=random.Random(cfg.seed * 1000 + cfg.epoch))
+    ds = ds.map(SampleBuilder(cfg)).select(_is_sample)
+    ds = ds.batched(cfg.batch_size, collation_fn=functools.partial(collate, n_sub=cfg.n_sub,
+                                                                   context_length=cfg.context_length),
+                    partial=not cfg.train)
+    if cfg.resampled and cfg.epoch_samples:
+        ds = ds.with_epoch(max(1, cfg.epoch_samples // cfg.batch_size))
+    return ds
+
+
+def loader(urls: list[str], cfg: DataConfig, num_workers: int = 2, context: str | None = None):
+    """A DataLoader over `dataset`; `context='spawn'` where the process holds threads that fork badly (Ray)."""
+    return torch.utils.data.DataLoader(dataset(urls, cfg), batch_size=None, num_workers=num_workers,
+                                       multiprocessing_context=context if num_workers else None)
