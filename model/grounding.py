@@ -1,0 +1,36 @@
+"""Grounding masks: a heat map (a sub-caption's attention painted back to pixels) -> Otsu-thresholded mask."""
+
+from __future__ import annotations
+
+import torch
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+
+
+def otsu_threshold(x: torch.Tensor, bins: int = 256) -> float:
+    """The threshold on values in [0, 1] that maximises the between-class variance (Otsu, 1979)."""
+    hist = torch.histc(x.float().flatten(), bins=bins, min=0.0, max=1.0).double()
+    p = hist / hist.sum()
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    w0 = p.cumsum(0)
+    mu = (p * centres).cumsum(0)
+    mu_t = mu[-1]
+    w1 = 1 - w0
+    between = (mu_t * w0 - mu) ** 2 / (w0 * w1).clamp_min(1e-12)
+    between[(w0 <= 0) | (w1 <= 0)] = -1
+    k = int(between.argmax())
+    return float((k + 1) / bins)  # values >= this edge are foreground
+
+
+def grounding_mask(heat: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise a [H,W] heat map and threshold it with Otsu: a boolean mask."""
+    h = minmax(heat)
+    return h >= otsu_threshold(h)
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = (a | b).sum().item()
+    return (a & b).sum().item() / union if union else 1.0
