@@ -1,0 +1,134 @@
+"""CAFT and its baselines as configurations of one model: encoders, losses, scores, grounding."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoders import AttentionPool, HierarchicalText, TextEncoder, VisionEncoder, init_weights, param_count
+from .losses import LogitParams, part_sigmoid_loss, whole_sigmoid_loss
+from .pooling import soft_map
+
+
+@dataclass(frozen=True)
+class CaftConfig:
+    name: str
+    embed_dim: int = 512
+    vision_width: int = 768
+    vision_heads: int = 12
+    vision_depths: tuple = (4, 4, 2, 2)  # blocks before each pooling, and after the last
+    levels: tuple = (64, 32, 16)  # segments after each pooling (empty: flat ViT)
+    backend: str = "slic"  # superpixels: slic | grid
+    text_width: int = 512
+    text_heads: int = 8
+    sub_depth: int = 8
+    whole_depth: int = 4  # 0: flat text
+    part_loss: bool = True
+    whole_loss: bool = True
+    alpha: float = 0.3  # CAFT++: (1 - alpha) whole + alpha part
+    notes: str = ""
+
+
+B16 = CaftConfig("caft-b16")
+CONFIGS = {
+    "caft-b16": B16,
+    "caft-tiny": CaftConfig("caft-tiny", embed_dim=64, vision_width=64, vision_heads=2, vision_depths=(1, 1, 1, 1),
+                            text_width=64, text_heads=2, sub_depth=2, whole_depth=1),
+    "siglip-b16": replace(B16, name="siglip-b16", backend="grid", levels=(), vision_depths=(12,), sub_depth=12,
+                          whole_depth=0, part_loss=False, notes="flat text: the whole caption truncated at 77 tokens"),
+    "flair-b16": replace(B16, name="flair-b16", backend="grid", levels=(), vision_depths=(12,), sub_depth=12,
+                         whole_depth=0, notes="flat text on sub-captions; whole = mean of the K sub-captions"),
+}
+
+
+class CAFT(nn.Module):
+    def __init__(self, cfg: CaftConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision_width, cfg.vision_heads, list(cfg.vision_depths), list(cfg.levels),
+                                    cfg.embed_dim, cfg.backend)
+        if cfg.whole_depth > 0:
+            self.text = HierarchicalText(cfg.text_width, cfg.text_heads, cfg.sub_depth, cfg.whole_depth, cfg.embed_dim)
+        else:
+            self.text = TextEncoder(cfg.text_width, cfg.text_heads, cfg.sub_depth, cfg.embed_dim)
+        self.pool = AttentionPool(cfg.embed_dim, max(1, cfg.embed_dim // 64))
+        self.whole_logit = LogitParams()
+        self.part_logit = LogitParams()
+        init_weights(self)
+
+    # ---------------------------------------------------------------- encoders
+
+    def encode_image(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        return self.vision(images, labels)
+
+    def encode_text(self, tokens: torch.Tensor, valid: torch.Tensor, whole: torch.Tensor) -> dict:
+        """tokens [B,N,77] -> {'sub': [B,N,D], 'whole': [B,D]}."""
+        if isinstance(self.text, HierarchicalText):
+            return self.text(tokens, valid, whole)
+        b, n, c = tokens.shape
+        sub = self.text(tokens.view(b * n, c)).view(b, n, -1)
+        w = (whole & valid).unsqueeze(-1).to(sub.dtype)
+        return {"sub": sub, "whole": (sub * w).sum(1) / w.sum(1).clamp_min(1)}
+
+    def ground(self, sub: torch.Tensor, parts: torch.Tensor, return_weights: bool = False):
+        """Every sub-caption [B,N,D] against every image's parts [Bimg,M,D] -> [Bimg,B,N,D] (+ weights)."""
+        b, n, d = sub.shape
+        out = self.pool(sub.reshape(b * n, d), parts, return_weights)
+        if return_weights:
+            g, w = out
+            return g.view(parts.shape[0], b, n, d), w.view(parts.shape[0], b, n, -1)
+        return out.view(parts.shape[0], b, n, d)
+
+    # ---------------------------------------------------------------- training
+
+    def forward(self, images, tokens, valid, whole) -> dict:
+        v = self.encode_image(images)
+        t = self.encode_text(tokens, valid, whole)
+        losses = {}
+        if self.cfg.whole_loss:
+            losses["whole"] = whole_sigmoid_loss(F.normalize(v["cls"], dim=-1), F.normalize(t["whole"], dim=-1),
+                                                 self.whole_logit.scale(), self.whole_logit.bias)
+        if self.cfg.part_loss:
+            g = self.ground(t["sub"], v["parts"])
+            losses["part"] = part_sigmoid_loss(F.normalize(t["sub"], dim=-1), F.normalize(g, dim=-1), valid,
+                                               self.part_logit.scale(), self.part_logit.bias)
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    # ---------------------------------------------------------------- scoring
+
+    @torch.no_grad()
+    def scores(self, v: dict, t: dict, valid: torch.Tensor, alpha: float | None = None) -> dict:
+        """Image x caption similarity matrices: whole, part, and CAFT++ = (1-a) whole + a part."""
+        a = self.cfg.alpha if alpha is None else alpha
+        whole = F.normalize(v["cls"], dim=-1) @ F.normalize(t["whole"], dim=-1).T
+        g = F.normalize(self.ground(t["sub"], v["parts"]), dim=-1)
+        per_sub = (g * F.normalize(t["sub"], dim=-1).unsqueeze(0)).sum(-1)  # [Bimg,B,N]
+        m = valid.unsqueeze(0).to(per_sub.dtype)
+        part = (per_sub * m).sum(-1) / m.sum(-1).clamp_min(1)
+        return {"whole": whole, "part": part, "caftpp": (1 - a) * whole + a * part}
+
+    @torch.no_grad()
+    def heatmap(self, v: dict, sub: torch.Tensor) -> torch.Tensor:
+        """Attention of each sub-caption [Q,D] over one image's parts, painted to pixels: [Q,H,W]."""
+        _, w = self.pool(sub, v["parts"][:1], return_weights=True)  # [1,Q,M]
+        labels = v["labels"][:1]
+        assigns = [a[:1] for a in v["assignments"][: self.vision.part_level + 1]]
+        return torch.stack([soft_map(labels, assigns, w[0, q:q + 1])[0] for q in range(w.shape[1])])
+
+
+def build(name: str) -> CAFT:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
+    return CAFT(CONFIGS[name])
+
+
+def describe(model: CAFT) -> dict:
+    return {"name": model.cfg.name, "params": param_count(model), "vision_params": param_count(model.vision),
+            "text_params": param_count(model.text), "config": asdict(model.cfg)}
+
+
+__all__ = ["CAFT", "CONFIGS", "CaftConfig", "build", "describe", "field"]

@@ -1,0 +1,179 @@
+"""CAFT's encoders: superpixel tokens, the fine-to-coarse vision encoder, the hierarchical and flat
+text encoders, and FLAIR-style attention pooling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pooling import GraphPool
+from .superpixels import superpixels
+
+VOCAB = 49408  # CLIP BPE
+EOT = 49407
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+def blocks(dim: int, depth: int, heads: int) -> nn.ModuleList:
+    return nn.ModuleList(nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
+                                                    batch_first=True, norm_first=True) for _ in range(depth))
+
+
+def sincos_2d(h: int, w: int, dim: int, device=None) -> torch.Tensor:
+    """Per-pixel 2-D sin-cos position features [h*w, dim] (dim divisible by 4)."""
+    q = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(q, device=device, dtype=torch.float32) / q))
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    y = ys.flatten()[:, None] / h * 224 * omega
+    x = xs.flatten()[:, None] / w * 224 * omega
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], 1)
+
+
+def scatter_mean(feats: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """feats [B,P,D], labels [B,P] in [0,n) -> per-label means [B,n,D]."""
+    b, _, d = feats.shape
+    sums = feats.new_zeros(b, n, d).scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, d), feats)
+    counts = feats.new_zeros(b, n).scatter_add_(1, labels, torch.ones_like(labels, dtype=feats.dtype))
+    return sums / counts.clamp_min(1).unsqueeze(-1)
+
+
+class SuperpixelEmbed(nn.Module):
+    """Conv-stem features averaged inside each superpixel, plus the superpixel's averaged sin-cos position."""
+
+    def __init__(self, dim: int, backend: str = "slic", grid: int = 14, stem_width: int = 64):
+        super().__init__()
+        self.backend, self.grid, self.dim = backend, grid, dim
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem_width, 3, 2, 1), nn.GELU(), nn.Conv2d(stem_width, stem_width, 3, 2, 1), nn.GELU(),
+            nn.Conv2d(stem_width, dim, 1))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        """images normalised [B,3,H,W] -> (tokens [B,g*g,D], labels [B,H,W])."""
+        if labels is None:
+            with torch.no_grad():
+                raw = (images * CLIP_STD.to(images) + CLIP_MEAN.to(images)).clamp(0, 1)
+                labels = superpixels(raw, self.backend, self.grid)
+        fmap = self.stem(images)  # [B,D,H/4,W/4]
+        h, w = fmap.shape[-2:]
+        small = F.interpolate(labels.unsqueeze(1).float(), size=(h, w), mode="nearest").squeeze(1).long()
+        n = self.grid * self.grid
+        feats = scatter_mean(fmap.flatten(2).transpose(1, 2), small.flatten(1), n)
+        pos = scatter_mean(sincos_2d(h, w, self.dim, images.device).expand(images.shape[0], -1, -1).to(feats),
+                           small.flatten(1), n)
+        return feats + pos, labels
+
+
+class VisionEncoder(nn.Module):
+    """Transformer blocks on the superpixel tokens, then graph pooling to coarser segment levels."""
+
+    def __init__(self, dim: int, heads: int, depths: list[int], levels: list[int], out_dim: int,
+                 backend: str = "slic", part_level: int = 0):
+        super().__init__()
+        self.embed = SuperpixelEmbed(dim, backend)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.stages = nn.ModuleList(blocks(dim, d, heads) for d in depths)
+        self.pools = nn.ModuleList(GraphPool(dim, m) for m in levels)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
+        self.part_level = part_level  # index into the pooled levels (0: the first, e.g. 64 segments)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        tokens, labels = self.embed(images, labels)
+        x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], 1)
+        levels, assigns = [], []
+        for i, stage in enumerate(self.stages):
+            for blk in stage:
+                x = blk(x)
+            if i < len(self.pools):
+                cls, segs = x[:, :1], x[:, 1:]
+                segs, a = self.pools[i](segs)
+                assigns.append(a)
+                levels.append(segs)
+                x = torch.cat([cls, segs], 1)  # [CLS] goes on through the residual path
+        x = self.norm(x)
+        parts = levels[self.part_level] if levels else x[:, 1:]
+        return {"cls": self.proj(x[:, 0]), "parts": self.proj(self.norm(parts)), "levels": levels,
+                "assignments": assigns, "labels": labels}
+
+
+class TextEncoder(nn.Module):
+    """CLIP-style causal transformer over BPE tokens (context 77), pooled at the EOT token."""
+
+    def __init__(self, dim: int, heads: int, depth: int, out_dim: int, context: int = 77):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Parameter(torch.randn(context, dim) * 0.01)
+        self.blocks = blocks(dim, depth, heads)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
+        self.register_buffer("causal", torch.triu(torch.full((context, context), float("-inf")), 1), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok(tokens) + self.pos[: tokens.shape[1]]
+        mask = self.causal[: tokens.shape[1], : tokens.shape[1]]
+        for blk in self.blocks:
+            x = blk(x, src_mask=mask)
+        x = self.norm(x)
+        eot = (tokens == EOT).int().argmax(-1)  # first EOT (a padded row of zeros pools position 0)
+        return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
+
+
+class HierarchicalText(nn.Module):
+    """Sub-caption encoder per chunk -> residual MLP adapter -> whole-caption transformer over [CLS] + chunks."""
+
+    def __init__(self, dim: int, heads: int, sub_depth: int, whole_depth: int, out_dim: int, max_chunks: int = 16):
+        super().__init__()
+        self.sub = TextEncoder(dim, heads, sub_depth, out_dim)
+        self.adapter = nn.Sequential(nn.LayerNorm(out_dim), nn.Linear(out_dim, 4 * out_dim), nn.GELU(),
+                                     nn.Linear(4 * out_dim, out_dim))
+        self.cls = nn.Parameter(torch.zeros(1, 1, out_dim))
+        self.chunk_pos = nn.Parameter(torch.randn(max_chunks, out_dim) * 0.01)
+        self.whole = blocks(out_dim, whole_depth, max(1, out_dim // 64))
+        self.norm = nn.LayerNorm(out_dim)
+        self.proj = nn.Linear(out_dim, out_dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, whole: torch.Tensor) -> dict:
+        """tokens [B,N,77], valid/whole [B,N] -> sub-caption embeddings [B,N,D] and whole caption [B,D]."""
+        b, n, c = tokens.shape
+        sub = self.sub(tokens.view(b * n, c)).view(b, n, -1)
+        chunks = sub + self.adapter(sub)
+        x = torch.cat([self.cls.expand(b, -1, -1), chunks + self.chunk_pos[:n]], 1)
+        pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device), ~(whole & valid)], 1)
+        for blk in self.whole:
+            x = blk(x, src_key_padding_mask=pad)
+        return {"sub": sub, "whole": self.proj(self.norm(x[:, 0]))}
+
+
+class AttentionPool(nn.Module):
+    """FLAIR-style: query = sub-caption embedding, keys/values = an image's part-level segments."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, queries: torch.Tensor, parts: torch.Tensor, return_weights: bool = False):
+        """queries [Q,D] (every sub-caption), parts [Bimg,M,D] -> grounded [Bimg,Q,D] (+ weights [Bimg,Q,M])."""
+        q = self.norm_q(queries).unsqueeze(0).expand(parts.shape[0], -1, -1)
+        kv = self.norm_kv(parts)
+        out, w = self.attn(q, kv, kv, need_weights=return_weights, average_attn_weights=True)
+        out = self.proj(out)
+        return (out, w) if return_weights else out
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def init_weights(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
