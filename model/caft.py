@@ -21,7 +21,9 @@ class CaftConfig:
     vision_heads: int = 12
     vision_depths: tuple = (4, 4, 2, 2)  # blocks before each pooling, and after the last
     levels: tuple = (64, 32, 16)  # segments after each pooling (empty: flat ViT)
-    backend: str = "slic"  # superpixels: slic | grid
+    backend: str = "slic"  # superpixels: slic | grid | sfcn
+    sfcn_weights: str = ""  # the sfcn backend's checkpoint (longcap train-sfcn)
+    part_level: int = 0  # pooled level the part features come from; -1: the superpixel tokens
     text_width: int = 512
     text_heads: int = 8
     sub_depth: int = 8
@@ -32,16 +34,40 @@ class CaftConfig:
     notes: str = ""
 
 
+def rows(base: CaftConfig, size: str) -> dict[str, CaftConfig]:
+    """Baselines and the paper's ablation rows as configurations of one base size.
+
+    Our reading of the rows (the paper summary names them, it does not define them):
+    siglip = flat ViT + flat text + whole loss; +visual hierarchy = superpixels + graph pooling;
+    +textual hierarchy = sub-caption + whole-caption encoders; +hierarchical loss = adds the
+    part-level loss (this is CAFT); -part-level = CAFT with the attention pooling over the 196
+    superpixel tokens instead of the part-level segments.
+    """
+    flat_vision = dict(backend="grid", levels=(), vision_depths=(sum(base.vision_depths),))
+    flat_text = dict(sub_depth=base.sub_depth + base.whole_depth, whole_depth=0)
+    siglip = replace(base, name=f"siglip-{size}", **flat_vision, **flat_text, part_loss=False,
+                     notes="flat text: the whole caption truncated at 77 tokens (N=K=1 in the loader)")
+    flair = replace(base, name=f"flair-{size}", **flat_vision, **flat_text,
+                    notes="flat text on sub-captions; whole = mean of the K sub-captions")
+    visual = replace(siglip, name=f"ablate-{size}-visual", backend=base.backend, levels=base.levels,
+                     vision_depths=base.vision_depths, notes="siglip + visual hierarchy")
+    textual = replace(visual, name=f"ablate-{size}-textual", sub_depth=base.sub_depth, whole_depth=base.whole_depth,
+                      notes="+ textual hierarchy (whole loss only)")
+    hloss = replace(base, name=f"ablate-{size}-hloss", notes="+ hierarchical loss (whole + part): CAFT")
+    no_part = replace(base, name=f"ablate-{size}-no-part", part_level=-1,
+                      notes="CAFT without part-level segments: attention pooling over the 196 superpixels")
+    return {c.name: c for c in (siglip, flair, visual, textual, hloss, no_part)}
+
+
 B16 = CaftConfig("caft-b16")
-CONFIGS = {
-    "caft-b16": B16,
-    "caft-tiny": CaftConfig("caft-tiny", embed_dim=64, vision_width=64, vision_heads=2, vision_depths=(1, 1, 1, 1),
-                            text_width=64, text_heads=2, sub_depth=2, whole_depth=1),
-    "siglip-b16": replace(B16, name="siglip-b16", backend="grid", levels=(), vision_depths=(12,), sub_depth=12,
-                          whole_depth=0, part_loss=False, notes="flat text: the whole caption truncated at 77 tokens"),
-    "flair-b16": replace(B16, name="flair-b16", backend="grid", levels=(), vision_depths=(12,), sub_depth=12,
-                         whole_depth=0, notes="flat text on sub-captions; whole = mean of the K sub-captions"),
-}
+TINY = CaftConfig("caft-tiny", embed_dim=64, vision_width=64, vision_heads=2, vision_depths=(1, 1, 1, 1),
+                  text_width=64, text_heads=2, sub_depth=2, whole_depth=1)
+CONFIGS = {"caft-b16": B16, "caft-tiny": TINY, **rows(B16, "b16"), **rows(TINY, "tiny")}
+ABLATION_ROWS = ("siglip", "flair", "ablate-{}-visual", "ablate-{}-textual", "ablate-{}-hloss", "ablate-{}-no-part")
+
+
+def ablation_names(size: str) -> list[str]:
+    return [r.format(size) if "{" in r else f"{r}-{size}" for r in ABLATION_ROWS]
 
 
 class CAFT(nn.Module):
@@ -49,7 +75,7 @@ class CAFT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision_width, cfg.vision_heads, list(cfg.vision_depths), list(cfg.levels),
-                                    cfg.embed_dim, cfg.backend)
+                                    cfg.embed_dim, cfg.backend, cfg.part_level, cfg.sfcn_weights)
         if cfg.whole_depth > 0:
             self.text = HierarchicalText(cfg.text_width, cfg.text_heads, cfg.sub_depth, cfg.whole_depth, cfg.embed_dim)
         else:
@@ -120,10 +146,14 @@ class CAFT(nn.Module):
         return torch.stack([soft_map(labels, assigns, w[0, q:q + 1])[0] for q in range(w.shape[1])])
 
 
-def build(name: str) -> CAFT:
+def build(name: str, **changes) -> CAFT:
+    """A model by config name, with field changes (e.g. backend='sfcn', sfcn_weights=path)."""
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
-    return CAFT(CONFIGS[name])
+    bad = [k for k in changes if k not in CaftConfig.__dataclass_fields__]
+    if bad:
+        raise ValueError(f"unknown model config fields {bad}; known: {', '.join(CaftConfig.__dataclass_fields__)}")
+    return CAFT(replace(CONFIGS[name], **changes))
 
 
 def describe(model: CAFT) -> dict:

@@ -173,3 +173,21 @@ def loader(urls: list[str], cfg: DataConfig, num_workers: int = 2, context: str 
     """A DataLoader over `dataset`; `context='spawn'` where the process holds threads that fork badly (Ray)."""
     return torch.utils.data.DataLoader(dataset(urls, cfg), batch_size=None, num_workers=num_workers,
                                        multiprocessing_context=context if num_workers else None)
+
+
+def shard_images(urls: list[str], limit: int | None = None, max_pixels: int = 89_478_485):
+    """PIL images (RGB) from the jpg members of webdataset shards (image or export shards), in order;
+    undecodable members are skipped with a logged reason."""
+    count = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, handler=_log_and_continue, empty_check=False):
+        data = sample.get("jpg")
+        if data is None:
+            continue
+        try:
+            yield decode_image(data, max_pixels)
+        except Exception as e:  # noqa: BLE001 - a bad member costs only itself
+            log.warning("skipped %s: %s", sample.get("__key__"), e)
+            continue
+        count += 1
+        if limit is not None and count >= limit:
+            return

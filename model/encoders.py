@@ -43,9 +43,16 @@ def scatter_mean(feats: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Ten
 class SuperpixelEmbed(nn.Module):
     """Conv-stem features averaged inside each superpixel, plus the superpixel's averaged sin-cos position."""
 
-    def __init__(self, dim: int, backend: str = "slic", grid: int = 14, stem_width: int = 64):
+    def __init__(self, dim: int, backend: str = "slic", grid: int = 14, stem_width: int = 64, sfcn_weights: str = ""):
         super().__init__()
         self.backend, self.grid, self.dim = backend, grid, dim
+        self._sfcn = []  # frozen tokenizer net: kept out of parameters and state_dict
+        if backend == "sfcn":
+            if not sfcn_weights:
+                raise ValueError("backend 'sfcn' needs sfcn_weights: a checkpoint from `longcap train-sfcn`")
+            from .sfcn import load_sfcn
+
+            self._sfcn.append(load_sfcn(sfcn_weights))
         self.stem = nn.Sequential(
             nn.Conv2d(3, stem_width, 3, 2, 1), nn.GELU(), nn.Conv2d(stem_width, stem_width, 3, 2, 1), nn.GELU(),
             nn.Conv2d(stem_width, dim, 1))
@@ -55,7 +62,7 @@ class SuperpixelEmbed(nn.Module):
         if labels is None:
             with torch.no_grad():
                 raw = (images * CLIP_STD.to(images) + CLIP_MEAN.to(images)).clamp(0, 1)
-                labels = superpixels(raw, self.backend, self.grid)
+                labels = superpixels(raw, self.backend, self.grid, net=self._sfcn[0] if self._sfcn else None)
         fmap = self.stem(images)  # [B,D,H/4,W/4]
         h, w = fmap.shape[-2:]
         small = F.interpolate(labels.unsqueeze(1).float(), size=(h, w), mode="nearest").squeeze(1).long()
@@ -70,23 +77,25 @@ class VisionEncoder(nn.Module):
     """Transformer blocks on the superpixel tokens, then graph pooling to coarser segment levels."""
 
     def __init__(self, dim: int, heads: int, depths: list[int], levels: list[int], out_dim: int,
-                 backend: str = "slic", part_level: int = 0):
+                 backend: str = "slic", part_level: int = 0, sfcn_weights: str = ""):
         super().__init__()
-        self.embed = SuperpixelEmbed(dim, backend)
+        self.embed = SuperpixelEmbed(dim, backend, sfcn_weights=sfcn_weights)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.stages = nn.ModuleList(blocks(dim, d, heads) for d in depths)
         self.pools = nn.ModuleList(GraphPool(dim, m) for m in levels)
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_dim, bias=False)
-        self.part_level = part_level  # index into the pooled levels (0: the first, e.g. 64 segments)
+        self.part_level = part_level  # index into the pooled levels (0: the first, e.g. 64); -1: the superpixels
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         tokens, labels = self.embed(images, labels)
         x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], 1)
-        levels, assigns = [], []
+        levels, assigns, fine = [], [], None
         for i, stage in enumerate(self.stages):
             for blk in stage:
                 x = blk(x)
+            if i == 0:
+                fine = x[:, 1:]  # superpixel tokens before any pooling
             if i < len(self.pools):
                 cls, segs = x[:, :1], x[:, 1:]
                 segs, a = self.pools[i](segs)
@@ -94,7 +103,10 @@ class VisionEncoder(nn.Module):
                 levels.append(segs)
                 x = torch.cat([cls, segs], 1)  # [CLS] goes on through the residual path
         x = self.norm(x)
-        parts = levels[self.part_level] if levels else x[:, 1:]
+        if not levels:
+            parts = x[:, 1:]
+        else:
+            parts = fine if self.part_level < 0 else levels[self.part_level]
         return {"cls": self.proj(x[:, 0]), "parts": self.proj(self.norm(parts)), "levels": levels,
                 "assignments": assigns, "labels": labels}
 

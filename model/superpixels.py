@@ -1,6 +1,7 @@
 """Superpixel tokenizers: image batch [B,3,H,W] in [0,1] -> label map [B,H,W] with ids in [0, g*g).
 
 - grid: plain (H/g)x(W/g) patches (the flat-ViT baseline).
+- sfcn: a small FCN's association to the 9 neighbouring cells (model/sfcn.py), trained by reconstruction.
 - slic: SLIC in torch, batched: every pixel compares itself only with the centres of the 9 grid cells
   around its own, in Lab colour + position, for a few iterations. Runs on whatever device the batch is on.
 """
@@ -82,13 +83,23 @@ def _means(feats: torch.Tensor, labels: torch.Tensor, n: int, old: torch.Tensor 
     return means
 
 
-def superpixels(images: torch.Tensor, backend: str = "slic", g: int = 14, **kw) -> torch.Tensor:
+BACKENDS = ("grid", "slic", "sfcn")
+
+
+def superpixels(images: torch.Tensor, backend: str = "slic", g: int = 14, net=None, **kw) -> torch.Tensor:
+    """Label map [B,H,W]; `net` is the trained SFCN (model/sfcn.py) for the sfcn backend."""
     if backend == "grid":
         b, _, h, w = images.shape
         return grid_labels(b, h, w, g, images.device)
     if backend == "slic":
         return slic_labels(images, g, **kw)
-    raise ValueError(f"unknown superpixel backend {backend!r}; choose grid or slic (sfcn is not built yet)")
+    if backend == "sfcn":
+        if net is None:
+            raise ValueError("superpixel backend 'sfcn' needs a trained SFCN (longcap train-sfcn; sfcn_weights)")
+        if net.grid != g:
+            raise ValueError(f"SFCN was trained for a {net.grid}x{net.grid} grid, not {g}x{g}")
+        return net.to(images.device).labels(images)
+    raise ValueError(f"unknown superpixel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def boundary(labels: torch.Tensor) -> torch.Tensor:

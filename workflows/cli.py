@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--url-col", default="url", help="generic: the URL column")
     m.add_argument("--caption-cols", help="generic: comma-separated caption columns")
     m.set_defaults(fn=cmd_import)
+
+    from .model_cli import add_commands
+    add_commands(sub)
     return p
 
 

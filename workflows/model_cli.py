@@ -1,0 +1,66 @@
+"""Model commands of the `longcap` CLI: model-info, train-sfcn."""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+
+
+def cmd_model_info(args) -> int:
+    from model.info import caft_info, open_clip_info, table
+
+    rows = [caft_info(name, args.n_sub, args.k_chunks) for name in args.names]
+    if not args.no_reference:
+        rows.append(open_clip_info(args.reference))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(rows))
+        print(f"FLOPs per sample at 224 px: one image; text = one caption of the listed number of sub-captions "
+              f"(77 tokens each; the whole-caption encoder included); pool = attention pooling of them.")
+    return 0
+
+
+def cmd_train_sfcn(args) -> int:
+    from model.data import shard_images
+    from model.sfcn import save_sfcn, train_sfcn
+
+    urls = sorted(u for pattern in args.shards for u in (glob.glob(pattern) or [pattern]))
+    images = list(shard_images(urls, args.max_images))
+    if not images:
+        raise FileNotFoundError(f"no decodable jpg images in {args.shards}")
+    t0 = time.time()
+    model, losses = train_sfcn(images, steps=args.steps, batch=args.batch, size=args.size, lr=args.lr,
+                               compactness=args.compactness, seed=args.seed, device=args.device)
+    save_sfcn(model, args.out, {"images": len(images), "steps": args.steps, "loss_first": losses[0],
+                                "loss_last": losses[-1], "shards": len(urls)})
+    print(f"trained SFCN on {len(images)} images from {len(urls)} shards, {args.steps} steps in "
+          f"{time.time() - t0:.0f}s: loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote {args.out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    from model.caft import CONFIGS
+
+    i = sub.add_parser("model-info", help="parameters and forward FLOPs per sample, next to open_clip ViT-B-16")
+    i.add_argument("names", nargs="+", choices=list(CONFIGS), metavar="NAME", help=", ".join(CONFIGS))
+    i.add_argument("--n-sub", type=int, default=8, help="sub-captions per caption (N)")
+    i.add_argument("--k-chunks", type=int, default=4, help="of which in the whole caption (K)")
+    i.add_argument("--reference", default="ViT-B-16", help="open_clip architecture to compare with")
+    i.add_argument("--no-reference", action="store_true")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_model_info)
+
+    t = sub.add_parser("train-sfcn", help="train the SFCN superpixel net on image shards (webdataset tars)")
+    t.add_argument("shards", nargs="+", help="tar files or glob patterns (e.g. runs/demo/images/*.tar)")
+    t.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--size", type=int, default=224)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--compactness", type=float, default=0.1)
+    t.add_argument("--max-images", type=int, default=5000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(fn=cmd_train_sfcn)
