@@ -110,19 +110,34 @@ class CAFT(nn.Module):
 
     # ---------------------------------------------------------------- training
 
-    def forward(self, images, tokens, valid, whole) -> dict:
+    def forward(self, images, tokens, valid, whole, gather=None) -> dict:
+        """Losses of one batch. `gather(x)`: the other ranks' x (with gradients), added as negatives."""
         v = self.encode_image(images)
         t = self.encode_text(tokens, valid, whole)
         losses = {}
         if self.cfg.whole_loss:
-            losses["whole"] = whole_sigmoid_loss(F.normalize(v["cls"], dim=-1), F.normalize(t["whole"], dim=-1),
-                                                 self.whole_logit.scale(), self.whole_logit.bias)
+            text = F.normalize(t["whole"], dim=-1)
+            losses["whole"] = whole_sigmoid_loss(F.normalize(v["cls"], dim=-1), text, self.whole_logit.scale(),
+                                                 self.whole_logit.bias, neg_text=gather(text) if gather else None)
         if self.cfg.part_loss:
-            g = self.ground(t["sub"], v["parts"])
-            losses["part"] = part_sigmoid_loss(F.normalize(t["sub"], dim=-1), F.normalize(g, dim=-1), valid,
+            sub, mask = t["sub"], valid
+            if gather:  # local sub-captions first: the positives stay on the diagonal
+                sub, mask = torch.cat([sub, gather(sub)]), torch.cat([mask, gather(mask)])
+            g = self.ground(sub, v["parts"])
+            losses["part"] = part_sigmoid_loss(F.normalize(sub, dim=-1), F.normalize(g, dim=-1), mask,
                                                self.part_logit.scale(), self.part_logit.bias)
         losses["loss"] = sum(losses.values())
         return losses
+
+    def set_grad_checkpointing(self, on: bool = True) -> None:
+        for m in self.modules():
+            if hasattr(m, "grad_checkpointing"):
+                m.grad_checkpointing = on
+
+    def clamp_logit_scales(self) -> None:
+        with torch.no_grad():
+            for p in (self.whole_logit, self.part_logit):
+                p.log_scale.clamp_(0, p.max_log_scale)
 
     # ---------------------------------------------------------------- scoring
 

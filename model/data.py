@@ -12,6 +12,7 @@ tokenizer. Batches hold padded tensors with masks. Randomness is seeded per
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import json
 import logging
@@ -26,6 +27,36 @@ from pipeline.chunking import balanced_chunks, chunk_texts, random_chunks, sampl
 from pipeline.records import key_seed
 
 log = logging.getLogger("longcap.data")
+
+
+def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **_):
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+# webdataset opens paths, http(s) and pipe: itself; any other scheme (s3://, gcs://, az://, memory://...) via fsspec.
+importlib.import_module("webdataset.gopen").gopen_schemes["__default__"] = _fsspec_open
+
+
+def expand_shards(patterns: list[str]) -> list[str]:
+    """Shard URLs from paths, {a..b} braces and globs, on any fsspec filesystem; sorted per pattern."""
+    import braceexpand
+    import fsspec
+
+    out = []
+    for pattern in patterns:
+        for item in braceexpand.braceexpand(pattern):
+            if not any(ch in item for ch in "*?["):
+                out.append(item)
+                continue
+            fs, path = fsspec.core.url_to_fs(item)
+            found = sorted(fs.glob(path))
+            local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+            out.extend(found if local else [fs.unstrip_protocol(f) for f in found])
+    if not out:
+        raise FileNotFoundError(f"no shards match {patterns}")
+    return out
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -48,6 +79,7 @@ class DataConfig:
     rank: int = 0
     world_size: int = 1
     max_pixels: int = 89_478_485
+    where: dict | None = None  # keep samples whose json "extra" has these values, e.g. {"split": "train"}
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -106,8 +138,10 @@ class SampleBuilder:
         key = sample.get("__key__")
         where = sample.get("__url__", "?")
         try:
-            image = decode_image(sample["jpg"], self.cfg.max_pixels)
             meta = json.loads(sample["json"])
+            if self.cfg.where and any(meta.get("extra", {}).get(k) != v for k, v in self.cfg.where.items()):
+                return None  # not selected (e.g. a held-out split): not an error
+            image = decode_image(sample["jpg"], self.cfg.max_pixels)
         except Exception as e:  # noqa: BLE001 - a bad sample is skipped and said, never a crash
             log.warning("skipping sample %s in %s: %s: %s", key, where, type(e).__name__, e)
             return None
@@ -151,22 +185,43 @@ def _log_and_continue(exn) -> bool:
     return True
 
 
-def dataset(urls: list[str], cfg: DataConfig) -> wds.WebDataset:
+class ResampledShards(torch.utils.data.IterableDataset):
+    """Shards drawn with replacement, forever, from an RNG seeded by (seed, epoch, rank, DataLoader worker):
+    the same stream on a rerun (webdataset's own resampler seeds from the clock)."""
+
+    def __init__(self, urls: list[str], seed: int, epoch: int, rank: int):
+        super().__init__()
+        self.urls, self.seed, self.epoch, self.rank = list(urls), seed, epoch, rank
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        rng = random.Random(key_seed(self.seed, f"shards:{self.epoch}:{self.rank}:{worker}", "resampled"))
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+def dataset(urls: list[str], cfg: DataConfig):
     """The sample stream of this rank (and, inside a DataLoader, of this worker), batched."""
+    build = SampleBuilder(cfg)
+    batch = functools.partial(collate, n_sub=cfg.n_sub, context_length=cfg.context_length)
+    if cfg.resampled:
+        stages = [ResampledShards(urls, cfg.seed, cfg.epoch, cfg.rank),
+                  wds.tarfile_to_samples(handler=_log_and_continue)]
+        if cfg.train:
+            stages.append(wds.shuffle(cfg.shuffle_buffer, rng=random.Random(cfg.seed * 1000 + cfg.epoch)))
+        ds = wds.DataPipeline(*stages, wds.map(build), wds.select(_is_sample),
+                              wds.batched(cfg.batch_size, collation_fn=batch, partial=not cfg.train))
+        return ds.with_epoch(max(1, (cfg.epoch_samples or 10_000) // cfg.batch_size))
     ds = wds.WebDataset(
-        urls, resampled=cfg.resampled, shardshuffle=(100 if cfg.train and not cfg.resampled else False),
+        urls, shardshuffle=(100 if cfg.train else False),
         detshuffle=True, seed=cfg.seed + cfg.epoch, handler=_log_and_continue, empty_check=False,
         nodesplitter=functools.partial(_split_by_rank, rank=cfg.rank, world_size=cfg.world_size),
     )
     if cfg.train:
         ds = ds.shuffle(cfg.shuffle_buffer, rng=random.Random(cfg.seed * 1000 + cfg.epoch))
-    ds = ds.map(SampleBuilder(cfg)).select(_is_sample)
-    ds = ds.batched(cfg.batch_size, collation_fn=functools.partial(collate, n_sub=cfg.n_sub,
-                                                                   context_length=cfg.context_length),
-                    partial=not cfg.train)
-    if cfg.resampled and cfg.epoch_samples:
-        ds = ds.with_epoch(max(1, cfg.epoch_samples // cfg.batch_size))
-    return ds
+    ds = ds.map(build).select(_is_sample)
+    return ds.batched(cfg.batch_size, collation_fn=batch, partial=not cfg.train)
 
 
 def loader(urls: list[str], cfg: DataConfig, num_workers: int = 2, context: str | None = None):

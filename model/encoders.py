@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .pooling import GraphPool
 from .superpixels import superpixels
@@ -19,6 +20,14 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 def blocks(dim: int, depth: int, heads: int) -> nn.ModuleList:
     return nn.ModuleList(nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
                                                     batch_first=True, norm_first=True) for _ in range(depth))
+
+
+def run_blocks(module: nn.Module, layers, x: torch.Tensor, **kw) -> torch.Tensor:
+    """Apply transformer layers; with `module.grad_checkpointing` in training, recompute them in backward."""
+    ckpt = getattr(module, "grad_checkpointing", False) and module.training and torch.is_grad_enabled()
+    for blk in layers:
+        x = checkpoint(blk, x, use_reentrant=False, **kw) if ckpt else blk(x, **kw)
+    return x
 
 
 def sincos_2d(h: int, w: int, dim: int, device=None) -> torch.Tensor:
@@ -79,6 +88,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, dim: int, heads: int, depths: list[int], levels: list[int], out_dim: int,
                  backend: str = "slic", part_level: int = 0, sfcn_weights: str = ""):
         super().__init__()
+        self.grad_checkpointing = False
         self.embed = SuperpixelEmbed(dim, backend, sfcn_weights=sfcn_weights)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.stages = nn.ModuleList(blocks(dim, d, heads) for d in depths)
@@ -92,8 +102,7 @@ class VisionEncoder(nn.Module):
         x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], 1)
         levels, assigns, fine = [], [], None
         for i, stage in enumerate(self.stages):
-            for blk in stage:
-                x = blk(x)
+            x = run_blocks(self, stage, x)
             if i == 0:
                 fine = x[:, 1:]  # superpixel tokens before any pooling
             if i < len(self.pools):
@@ -116,6 +125,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, dim: int, heads: int, depth: int, out_dim: int, context: int = 77):
         super().__init__()
+        self.grad_checkpointing = False
         self.tok = nn.Embedding(VOCAB, dim)
         self.pos = nn.Parameter(torch.randn(context, dim) * 0.01)
         self.blocks = blocks(dim, depth, heads)
@@ -126,8 +136,7 @@ class TextEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tok(tokens) + self.pos[: tokens.shape[1]]
         mask = self.causal[: tokens.shape[1], : tokens.shape[1]]
-        for blk in self.blocks:
-            x = blk(x, src_mask=mask)
+        x = run_blocks(self, self.blocks, x, src_mask=mask)
         x = self.norm(x)
         eot = (tokens == EOT).int().argmax(-1)  # first EOT (a padded row of zeros pools position 0)
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
@@ -138,6 +147,7 @@ class HierarchicalText(nn.Module):
 
     def __init__(self, dim: int, heads: int, sub_depth: int, whole_depth: int, out_dim: int, max_chunks: int = 16):
         super().__init__()
+        self.grad_checkpointing = False
         self.sub = TextEncoder(dim, heads, sub_depth, out_dim)
         self.adapter = nn.Sequential(nn.LayerNorm(out_dim), nn.Linear(out_dim, 4 * out_dim), nn.GELU(),
                                      nn.Linear(4 * out_dim, out_dim))
@@ -154,8 +164,7 @@ class HierarchicalText(nn.Module):
         chunks = sub + self.adapter(sub)
         x = torch.cat([self.cls.expand(b, -1, -1), chunks + self.chunk_pos[:n]], 1)
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device), ~(whole & valid)], 1)
-        for blk in self.whole:
-            x = blk(x, src_key_padding_mask=pad)
+        x = run_blocks(self, self.whole, x, src_key_padding_mask=pad)
         return {"sub": sub, "whole": self.proj(self.norm(x[:, 0]))}
 
 

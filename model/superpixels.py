@@ -58,16 +58,36 @@ def slic_labels(images: torch.Tensor, g: int = 14, iters: int = 5, compactness: 
     step = (h * w / n) ** 0.5
     pos = torch.stack([ys.flatten(), xs.flatten()], 1) * (compactness / step)  # [HW,2], scaled
     feats = torch.cat([lab, pos.expand(b, -1, -1)], -1)  # [B,HW,5]
-    nb, ok = _neighbours(h, w, g, str(images.device))
     labels = grid_labels(b, h, w, g, images.device).flatten(1)
     centres = _means(feats, labels, n, None)
+    assign = _assign_by_cell if h % g == 0 and w % g == 0 else _assign_by_pixel
     for _ in range(iters):
-        cand = torch.gather(centres, 1, nb.flatten().expand(b, -1).unsqueeze(-1).expand(-1, -1, 5))
-        cand = cand.view(b, h * w, 9, 5)
-        dist = ((feats.unsqueeze(2) - cand) ** 2).sum(-1).masked_fill(~ok, float("inf"))
-        labels = torch.gather(nb.expand(b, -1, -1), 2, dist.argmin(-1, keepdim=True)).squeeze(-1)
+        labels = assign(feats, centres, h, w, g)
         centres = _means(feats, labels, n, centres)
     return labels.view(b, h, w)
+
+
+def _assign_by_pixel(feats, centres, h, w, g):
+    """Each pixel's nearest centre among its 9 neighbouring cells (any image size)."""
+    b = feats.shape[0]
+    nb, ok = _neighbours(h, w, g, str(feats.device))
+    cand = torch.gather(centres, 1, nb.flatten().expand(b, -1).unsqueeze(-1).expand(-1, -1, 5)).view(b, h * w, 9, 5)
+    dist = ((feats.unsqueeze(2) - cand) ** 2).sum(-1).masked_fill(~ok, float("inf"))
+    return torch.gather(nb.expand(b, -1, -1), 2, dist.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+def _assign_by_cell(feats, centres, h, w, g):
+    """The same when the grid divides the image: pixels of a cell share their 9 candidates, so distances
+    are one batched matmul per cell (|p|^2 - 2 p.c + |c|^2) instead of a gather per pixel."""
+    b, ph, pw = feats.shape[0], h // g, w // g
+    cells = feats.view(b, g, ph, g, pw, 5).permute(0, 1, 3, 2, 4, 5).reshape(b, g * g, ph * pw, 5)
+    nb, ok = _neighbours(g, g, g, str(feats.device))  # per cell: its 9 neighbouring cells
+    cand = centres[:, nb]  # [B, g*g, 9, 5]
+    dist = (cells * cells).sum(-1, keepdim=True) - 2 * cells @ cand.transpose(-1, -2) \
+        + (cand * cand).sum(-1).unsqueeze(2)
+    dist = dist.masked_fill(~ok.unsqueeze(1), float("inf"))  # [B, g*g, P, 9]
+    lab = torch.gather(nb.expand(b, -1, -1), 2, dist.argmin(-1))  # [B, g*g, P]
+    return lab.view(b, g, g, ph, pw).permute(0, 1, 3, 2, 4).reshape(b, h * w)
 
 
 def _means(feats: torch.Tensor, labels: torch.Tensor, n: int, old: torch.Tensor | None) -> torch.Tensor:

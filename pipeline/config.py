@@ -153,6 +153,54 @@ class ExportSection(Strict):
     max_bytes: int = Field(1_000_000_000, ge=1_000_000, description="bytes per export tar (approximate)")
 
 
+class TrainSection(Strict):
+    """Training (model/train.py). In a run config, `longcap run` trains after export; `longcap train` takes
+    a file with this section alone or a run config."""
+    model: str = Field("caft-tiny", description="a config name from model/caft.py (longcap model-info lists sizes)")
+    model_changes: dict[str, Any] = Field(default_factory=dict, description="CaftConfig fields to change, e.g. backend: sfcn")
+    shards: list[str] = Field(default_factory=list, description="export tars: paths, globs, {a..b} braces, fsspec URLs; "
+                              "empty in a run: the run's export/")
+    eval_shards: list[str] = Field(default_factory=list, description="held-out tars; empty in a run: the run's export/")
+    train_where: dict[str, Any] = Field(default_factory=dict, description="keep samples whose json extra matches, "
+                                        "e.g. {split: train}")
+    eval_where: dict[str, Any] = Field(default_factory=dict)
+    out: Optional[str] = Field(None, description="checkpoint folder; default <run>/models/<model>")
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1, description="global batch (all processes, all accumulation steps)")
+    accum: int = Field(1, ge=1, description="gradient accumulation steps (negatives come from one micro-batch)")
+    epoch_samples: Optional[int] = Field(None, ge=1, description="samples per data epoch per process (shards are "
+                                         "resampled); default: the index's row count / processes")
+    lr: float = Field(5e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0, description="fraction of lr at the end of the cosine")
+    warmup: int = Field(100, ge=0)
+    weight_decay: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0: off")
+    grad_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    n_sub: int = Field(8, ge=1)
+    k_chunks: int = Field(4, ge=1)
+    image_size: int = Field(224, ge=32)
+    workers: int = Field(2, ge=0, description="DataLoader workers per process")
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="0: evaluate at the end only")
+    ckpt_every: int = Field(100, ge=1)
+    keep: int = Field(2, ge=1, description="checkpoints kept")
+    seed: int = 0
+    processes: int = Field(1, ge=1, description="local processes (DDP, gloo on CPU, NCCL on GPU)")
+    ray_workers: int = Field(0, ge=0, description=">0: train through Ray Train's TorchTrainer with this many workers")
+    gpus_per_worker: float = Field(0, ge=0)
+    threads: Optional[int] = Field(None, ge=1, description="torch threads per process")
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.k_chunks > self.n_sub:
+            raise ValueError(f"k_chunks ({self.k_chunks}) must not exceed n_sub ({self.n_sub})")
+        return self
+
+
 class Config(Strict):
     run: RunSection
     ray: RaySection = Field(default_factory=RaySection)
@@ -161,6 +209,7 @@ class Config(Strict):
     captioners: list[CaptionerSection] = Field(default_factory=lambda: [CaptionerSection(name="source", backend="source")])
     sentences: SentencesSection = Field(default_factory=SentencesSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    train: Optional[TrainSection] = Field(None, description="train after export (longcap run) when set")
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -252,6 +301,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     return cfg
 
 
+def load_train_config(path: str, overrides: list[str] = ()) -> tuple[TrainSection, Optional[str]]:
+    """`longcap train` input: a run config with a `train:` section (-> its run dir), or a file that is only
+    the train section (its keys at the top level; overrides then name them without `train.`)."""
+    text = _read_text(str(path))
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    if "run" in data:
+        cfg = load_config(path, overrides, data=data)
+        if cfg.train is None:
+            raise ConfigError(f"{path}: has no train section")
+        return cfg.train, cfg.run.dir
+    for o in overrides:
+        apply_override(data, *parse_override(o))
+    try:
+        return Config.model_validate({"run": {"dir": "-"}, "input": {"synthetic": {}}, "train": data}).train, None
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source=str(path))) from None
+
+
 def _read_text(path: str) -> str:
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
@@ -322,7 +394,8 @@ def dump_config(cfg: Config) -> str:
 
 
 # Keys that change how a run executes, not what it produces.
-EXECUTION_KEYS = ("ray", "run.stages", "download.threads")
+# train: the trainer checks its checkpoint against the config itself (model/checkpoint.py).
+EXECUTION_KEYS = ("ray", "run.stages", "download.threads", "train")
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:

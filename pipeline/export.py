@@ -96,8 +96,11 @@ class TarParts:
 
 
 def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, sentences: pa.Table,
-                 out_dir: str, cfg) -> tuple[pa.Table, dict]:
-    """Write the shard's export tars; returns its index (every key, exported or not) and a summary."""
+                 out_dir: str, cfg, extra_cols: list[str] = ()) -> tuple[pa.Table, dict]:
+    """Write the shard's export tars; returns its index (every key, exported or not) and a summary.
+    `extra_cols`: input columns carried into each sample's JSON under "extra" (e.g. the synthetic split)."""
+    extra_cols = [c for c in extra_cols if c in images_meta.column_names]
+    extras = {r.pop("key"): r for r in images_meta.select(["key", *extra_cols]).to_pylist()}
     kept, dropped = captions_by_key(sentences, cfg.min_sentences)
     meta = {r["key"]: r for r in images_meta.select(
         ["key", "url", "status", "error_message", "width", "height", "original_width", "original_height"]).to_pylist()}
@@ -117,7 +120,7 @@ def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, senten
                 if not why:
                     doc = {"key": key, "url": m["url"], "width": m["width"], "height": m["height"],
                            "original_width": m["original_width"], "original_height": m["original_height"],
-                           "captions": kept[key]}
+                           "captions": kept[key], "extra": extras[key]}
                     ext = "jpg" if "jpg" in files else next(e for e in files if e not in ("json", "txt"))
                     row["tar"] = parts.add(key, {"jpg" if ext == "jpg" else ext: files[ext],
                                                  "json": json.dumps(doc, ensure_ascii=False).encode()})

@@ -99,3 +99,16 @@ def test_corrupt_jpeg_is_skipped_with_a_logged_reason(tmp_path, caplog):
     assert keys == ["000000000", "000000002"]
     assert any("skipping sample 000000001" in r.getMessage() and "OSError: Truncated File Read" in r.getMessage()
                for r in caplog.records)
+
+
+def test_resampled_stream_repeats_exactly_and_differs_by_rank(tmp_path):
+    urls = write_shards(tmp_path, n_shards=4, per_shard=3)
+
+    def keys(rank, epoch=0):
+        cfg = DataConfig(train=True, batch_size=2, n_sub=2, k_chunks=1, image_size=32, resampled=True,
+                         epoch_samples=12, rank=rank, world_size=2, epoch=epoch, shuffle_buffer=4)
+        return [k for b in dataset(urls, cfg) for k in b["keys"]]
+
+    a = keys(0)
+    assert len(a) == 12 and a == keys(0)  # bounded epoch, same stream on a rerun
+    assert a != keys(1) and a != keys(0, epoch=1)

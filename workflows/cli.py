@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"longcap: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except ValueError as e:  # bad checkpoints, model names, shard lists: named, without a traceback
+        if type(e).__name__ not in ("CheckpointError", "TrainConfigError"):
+            raise
+        print(f"longcap: {e}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

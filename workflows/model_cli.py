@@ -1,4 +1,4 @@
-"""Model commands of the `longcap` CLI: model-info, train-sfcn."""
+"""Model commands of the `longcap` CLI: train, export-model, model-info, train-sfcn."""
 
 from __future__ import annotations
 
@@ -40,8 +40,60 @@ def cmd_train_sfcn(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from pipeline.config import load_train_config
+    from .training import launch, plan
+
+    cfg, run_root = load_train_config(args.config, args.overrides)
+    if args.run:
+        run_root = args.run
+    result = launch(cfg, plan(cfg, run_root))
+    print(format_result(result))
+    return 0
+
+
+def format_result(result: dict) -> str:
+    """Training summary with the held-out evaluation, chance levels stated."""
+    lines = [f"trained to step {result.get('step')}" + (" (stopped early; rerun to resume)" if result.get("stopped") else "")
+             + f"; checkpoint {result.get('checkpoint')}"]
+    ev = result.get("eval") or {}
+    r = ev.get("retrieval")
+    if r:
+        lines.append(f"held-out retrieval on {r['n']} images (chance R@1 = {r['chance_r1']:.3f}):")
+        for kind in ("whole", "part", "caftpp"):
+            if kind in r:
+                m = r[kind]
+                lines.append(f"  {kind:<7} image->text R@1 {m['i2t_r1']:.3f} R@5 {m['i2t_r5']:.3f}   "
+                             f"text->image R@1 {m['t2i_r1']:.3f} R@5 {m['t2i_r5']:.3f}")
+    g = ev.get("grounding")
+    if g:
+        lines.append(f"held-out grounding mIoU {g['miou']:.3f} over {g['n']} object sentences "
+                     f"(a mask of the whole image scores {g['baseline_whole_image_miou']:.3f})")
+    return "\n".join(lines)
+
+
+def cmd_export_model(args) -> int:
+    from model.checkpoint import load_model, save_model
+
+    model = load_model(args.checkpoint)
+    save_model(model, args.out, step=model.trained_steps, extra={"exported_from": str(args.checkpoint)})
+    print(f"wrote {args.out}: {model.cfg.name}, inference weights + config (safetensors)")
+    return 0
+
+
 def add_commands(sub) -> None:
     from model.caft import CONFIGS
+
+    r = sub.add_parser("train", help="train a model on export shards (resumes from train.out)")
+    r.add_argument("config", help="a run config with a train section, or a train-only YAML")
+    r.add_argument("overrides", nargs="*", help="dotted.key=value")
+    r.add_argument("--run", help="take export/ and the synthetic truth from this run directory")
+    r.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("export-model", help="write an inference-only checkpoint (weights + config, safetensors)")
+    e.add_argument("checkpoint", help="a training folder (its latest checkpoint) or a model.safetensors")
+    e.add_argument("out", help="the .safetensors file to write")
+    e.set_defaults(fn=cmd_export_model)
 
     i = sub.add_parser("model-info", help="parameters and forward FLOPs per sample, next to open_clip ViT-B-16")
     i.add_argument("names", nargs="+", choices=list(CONFIGS), metavar="NAME", help=", ".join(CONFIGS))

@@ -76,7 +76,7 @@ class ExportWorker:
         index, summary = export_shard(name, read_images_meta(self.run_dir.path("images"), shard),
                                       self.run_dir.path("images", f"{name}.tar"),
                                       read_table(self.run_dir.output("sentences", shard)),
-                                      self.run_dir.path("export"), self.cfg.export)
+                                      self.run_dir.path("export"), self.cfg.export, self.cfg.extra_columns())
         atomic_write_table(self.run_dir.output("export", shard), index)
         return summary
 
