@@ -31,6 +31,7 @@ class CaftConfig:
     part_loss: bool = True
     whole_loss: bool = True
     alpha: float = 0.3  # CAFT++: (1 - alpha) whole + alpha part
+    logit_bias: float = -10.0  # initial bias of both sigmoid losses (SigLIP's -10 suits large batches)
     notes: str = ""
 
 
@@ -61,7 +62,8 @@ def rows(base: CaftConfig, size: str) -> dict[str, CaftConfig]:
 
 B16 = CaftConfig("caft-b16")
 TINY = CaftConfig("caft-tiny", embed_dim=64, vision_width=64, vision_heads=2, vision_depths=(1, 1, 1, 1),
-                  text_width=64, text_heads=2, sub_depth=2, whole_depth=1)
+                  text_width=64, text_heads=2, sub_depth=2, whole_depth=1,
+                  logit_bias=-4.0)  # batches of ~32 on CPU: -10 lets the positives' pull collapse the features
 CONFIGS = {"caft-b16": B16, "caft-tiny": TINY, **rows(B16, "b16"), **rows(TINY, "tiny")}
 ABLATION_ROWS = ("siglip", "flair", "ablate-{}-visual", "ablate-{}-textual", "ablate-{}-hloss", "ablate-{}-no-part")
 
@@ -81,8 +83,8 @@ class CAFT(nn.Module):
         else:
             self.text = TextEncoder(cfg.text_width, cfg.text_heads, cfg.sub_depth, cfg.embed_dim)
         self.pool = AttentionPool(cfg.embed_dim, max(1, cfg.embed_dim // 64))
-        self.whole_logit = LogitParams()
-        self.part_logit = LogitParams()
+        self.whole_logit = LogitParams(init_bias=cfg.logit_bias)
+        self.part_logit = LogitParams(init_bias=cfg.logit_bias)
         init_weights(self)
 
     # ---------------------------------------------------------------- encoders

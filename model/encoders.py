@@ -65,6 +65,7 @@ class SuperpixelEmbed(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(3, stem_width, 3, 2, 1), nn.GELU(), nn.Conv2d(stem_width, stem_width, 3, 2, 1), nn.GELU(),
             nn.Conv2d(stem_width, dim, 1))
+        self.norm = nn.LayerNorm(dim)  # stem features at the scale of the sin-cos positions
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         """images normalised [B,3,H,W] -> (tokens [B,g*g,D], labels [B,H,W])."""
@@ -79,7 +80,7 @@ class SuperpixelEmbed(nn.Module):
         feats = scatter_mean(fmap.flatten(2).transpose(1, 2), small.flatten(1), n)
         pos = scatter_mean(sincos_2d(h, w, self.dim, images.device).expand(images.shape[0], -1, -1).to(feats),
                            small.flatten(1), n)
-        return feats + pos, labels
+        return self.norm(feats) + pos, labels
 
 
 class VisionEncoder(nn.Module):

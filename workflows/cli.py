@@ -43,19 +43,25 @@ def cmd_run(args) -> int:
 
     cfg = _load(args.config, args.overrides)
     stages = _split_csv(args.stages)
-    bad = [s for s in stages or [] if s not in ORDER]
+    bad = [s for s in stages or [] if s not in (*ORDER, "train")]
     if bad:
-        raise ConfigError(f"--stages: unknown stage(s) {bad}; allowed: {', '.join(ORDER)}")
+        raise ConfigError(f"--stages: unknown stage(s) {bad}; allowed: {', '.join(ORDER)}, train")
+    do_train = cfg.train is not None and (stages is None or "train" in stages)
+    stages = [s for s in stages if s != "train"] if stages else None
     shards = [int(s) for s in _split_csv(args.shards)] if args.shards else None
     run = RunDir(cfg.run.dir)
     changed = run.check_config(cfg, force=args.force)
     if changed:
         print("config changed (--force):\n  " + "\n  ".join(changed), file=sys.stderr)
-    result = Runner(cfg, run, stages=stages, shards=shards, progress=not args.no_progress).execute()
-    print(f"\nrun directory: {run.root}")
-    print(format_status(run_status(run)))
+    if stages == []:
+        from .runner import RunResult
+        result = RunResult()
+    else:
+        result = Runner(cfg, run, stages=stages, shards=shards, progress=not args.no_progress).execute()
+        print(f"\nrun directory: {run.root}")
+        print(format_status(run_status(run)))
     if result.ok:
-        return 0
+        return run_training(cfg, run.root) if do_train else 0
     print("", file=sys.stderr)
     for (stage, shard), err in sorted(result.failed.items()):
         print(f"FAILED {stage} shard {shard_name(shard)}: {err}", file=sys.stderr)
@@ -67,6 +73,17 @@ def cmd_run(args) -> int:
           f"  longcap run {run.root} --stages {','.join(failed_stages)} --shards {','.join(names)}",
           file=sys.stderr)
     return EXIT_FAILED
+
+
+def run_training(cfg, root) -> int:
+    """`longcap run` with a train section: train on the run's export (resuming), evaluate, print."""
+    from .model_cli import format_result
+    from .training import launch, plan
+
+    print(f"\ntraining {cfg.train.model} for {cfg.train.steps} steps on {root}/export ...", flush=True)
+    result = launch(cfg.train, plan(cfg.train, str(root)))
+    print(format_result(result))
+    return 0
 
 
 def cmd_status(args) -> int:

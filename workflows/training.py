@@ -109,8 +109,7 @@ def _ray_loop(conf: dict) -> None:
     spec = EvalSpec(**conf["eval"]) if conf["eval"] else None
     res = train(TrainSection(**conf["cfg"]), conf["shards"], conf["out"], spec, device=device,
                 epoch_samples=conf["epoch_samples"])
-    ray.train.report({"step": res["step"], "stopped": res["stopped"],
-                      "result": json.dumps(res, default=str) if res.get("checkpoint") else ""})
+    ray.train.report({"step": res["step"], "stopped": res["stopped"]})
 
 
 def train_on_ray(cfg, p: dict) -> dict:
@@ -135,5 +134,18 @@ def train_on_ray(cfg, p: dict) -> dict:
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"Ray Train failed: {result.error}")
-    text = (result.metrics or {}).get("result")
-    return json.loads(text) if text else {"step": (result.metrics or {}).get("step"), "out": out}
+    return summary_from_files(out)
+
+
+def summary_from_files(out: str) -> dict:
+    """The result of a training run from what it wrote (metrics.jsonl, the latest checkpoint)."""
+    from model.checkpoint import latest
+
+    rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r]
+    last = steps[-1] if steps else {}
+    ck = latest(out)
+    return {"step": last.get("step"), "last": last, "out": out, "checkpoint": str(ck) if ck else None,
+            "eval": evals[-1]["eval"] if evals and evals[-1]["step"] == last.get("step") else None,
+            "stopped": False}
