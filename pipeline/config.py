@@ -284,13 +284,7 @@ def _list_index(node: list, part: str, where: str) -> int:
 def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> Config:
     """Read YAML (or take `data`), apply overrides, validate, check files exist."""
     if data is None:
-        text = _read_text(str(path))
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+        data = _read_yaml(str(path))
     for text in overrides:
         apply_override(data, *parse_override(text))
     try:
@@ -304,13 +298,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
 def load_train_config(path: str, overrides: list[str] = ()) -> tuple[TrainSection, Optional[str]]:
     """`longcap train` input: a run config with a `train:` section (-> its run dir), or a file that is only
     the train section (its keys at the top level; overrides then name them without `train.`)."""
-    text = _read_text(str(path))
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    data = _read_yaml(str(path))
     if "run" in data:
         cfg = load_config(path, overrides, data=data)
         if cfg.train is None:
@@ -322,6 +310,16 @@ def load_train_config(path: str, overrides: list[str] = ()) -> tuple[TrainSectio
         return Config.model_validate({"run": {"dir": "-"}, "input": {"synthetic": {}}, "train": data}).train, None
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source=str(path))) from None
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        data = yaml.safe_load(_read_text(path)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def _read_text(path: str) -> str:

@@ -84,3 +84,20 @@ def test_restart_with_other_config_refused_unless_forced(tmp_path):
 def test_config_diff_ignores_execution_keys():
     assert config_diff({"ray": {"address": None}, "a": 1}, {"ray": {"address": "auto"}, "a": 1}) == []
     assert config_diff({"a": {"b": 1}}, {"a": {"b": 2, "c": 3}}) == ["a.b: 1 -> 2", "a.c: '<unset>' -> 3"]
+
+
+def test_train_configs_load_and_name_bad_keys(tmp_path):
+    from pathlib import Path
+
+    from pipeline.config import load_train_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg, run = load_train_config(str(root / "configs" / "train" / "caft-b16-merged30m.yaml"), ["steps=10"])
+    assert (cfg.model, cfg.batch_size, cfg.n_sub, cfg.k_chunks, cfg.steps, run) == ("caft-b16", 2048, 8, 4, 10, None)
+    demo, run = load_train_config(str(root / "configs" / "demo.yaml"))
+    assert demo.model == "caft-tiny" and run == "runs/demo" and demo.eval_where == {"split": "test"}
+    bad = tmp_path / "t.yaml"
+    bad.write_text("model: caft-tiny\nstepz: 3\nk_chunks: 9\n")
+    with pytest.raises(ConfigError) as e:
+        load_train_config(str(bad))
+    assert "unknown key 'train.stepz' (did you mean 'steps'?)" in str(e.value)
