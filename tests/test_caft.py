@@ -107,3 +107,25 @@ def test_flop_counter_sees_linear_and_fused_transformer_layers():
     assert count_flops(lambda: layer(x)) == expected
     tiny = caft_info("caft-tiny", n_sub=4, k_chunks=2)
     assert tiny["params"] == param_count(build("caft-tiny")) and tiny["text_flops"] > 4 * 2 * 2 * 77 * 64 * 64 * 12
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    images, tokens, valid, whole = batch(2)
+    grads, calls = [], []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = build("caft-tiny")
+        model.set_grad_checkpointing(on)
+        count, blk = [0], model.vision.stages[0][0]
+        forward = blk.forward
+
+        def counted(*a, forward=forward, count=count, **k):
+            count[0] += 1
+            return forward(*a, **k)
+        blk.forward = counted
+        model(images, tokens, valid, whole)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        calls.append(count[0])
+    assert calls == [1, 2]  # checkpointed blocks run again in backward
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5) for n in grads[0])
+    assert build("caft-tiny").vision.grad_checkpointing is False
