@@ -66,7 +66,7 @@ def run_longcap(url_list: str, run_dir: str, procs: int, threads: int, shard: in
         "run": {"dir": run_dir, "shard_size": shard, "stages": ["download"]},
         "ray": {"num_cpus": procs, "download_tasks": procs},
         "input": {"urls": [url_list]},
-        "download": {"image_size": image_size, "threads": threads, "timeout": 10},
+        "download": {"image_size": image_size, "threads": threads, "timeout": 10, "allow_networks": ["127.0.0.1/32"]},
     })
     ensure_ray(cfg)  # a cluster is up before a job starts; its start-up is timed separately below
     t0 = time.time()

@@ -35,6 +35,14 @@ def step_time(name: str, batch: int, n_sub: int, k_chunks: int, device: str, ste
         if device == "cuda":
             torch.cuda.synchronize()
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        with amp:
+            model(images, tokens, valid, whole)["loss"].backward()
+    step_flops = counter.get_total_flops()  # forward + backward, matmuls/convs/attention
+    opt.zero_grad(set_to_none=True)
     times = []
     for i in range(warmup + steps):
         sync()
@@ -57,7 +65,8 @@ def step_time(name: str, batch: int, n_sub: int, k_chunks: int, device: str, ste
     mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return {"model": name, "device": device, "batch": batch, "texts_per_image": n, "step_s": min(times),
             "step_s_mean": sum(times) / len(times), "samples_per_s": batch / min(times),
-            "superpixels_s": sp, "max_mem_gib": mem}
+            "superpixels_s": sp, "max_mem_gib": mem, "step_tflop": step_flops / 1e12,
+            "achieved_tflops": step_flops / min(times) / 1e12}
 
 
 def main() -> None:
@@ -68,12 +77,15 @@ def main() -> None:
     ap.add_argument("--k-chunks", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator (H100 SXM bf16 dense: 989)")
     args, _ = ap.parse_known_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch = args.batch or (128 if device == "cuda" else 4)
     rows = [step_time(m, batch, args.n_sub, args.k_chunks, device, args.steps, args.warmup)
             for m in args.models.split(",")]
     for r in rows:
+        if device == "cuda":
+            r["mfu"] = r["achieved_tflops"] / args.peak_tflops
         print(json.dumps(r))
     base = rows[-1]["step_s"]
     print(json.dumps({"bench": "model", "machine": platform.node(), "torch": torch.__version__,

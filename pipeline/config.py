@@ -90,6 +90,20 @@ class DownloadSection(Strict):
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
+    allow_networks: list[str] = Field(default_factory=list, description="networks fetched although loopback/"
+                                      "private/link-local (e.g. 127.0.0.0/8 for a local server); metadata "
+                                      "services and other special addresses are blocked unless listed")
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v):
+        import ipaddress
+        for n in v:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{n!r} is not a network ({e}); write e.g. 127.0.0.0/8 or 10.1.2.3/32") from None
+        return v
 
 
 class CaptionerSection(Strict):
@@ -213,6 +227,12 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        if self.input.synthetic is not None or self.input.serve_dir:
+            import ipaddress
+            if not any(ipaddress.ip_address("127.0.0.1") in ipaddress.ip_network(n, strict=False)
+                       for n in self.download.allow_networks):
+                raise ValueError("input.synthetic / input.serve_dir serve images from 127.0.0.1, which is blocked "
+                                 "by default: opt in with download.allow_networks: [127.0.0.1/32]")
         names = [c.name for c in self.captioners]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

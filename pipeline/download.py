@@ -104,6 +104,9 @@ def download_shard(shard_id: int, rows: pa.Table, images_dir: str, cfg, shard_si
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
+    from .urlsafety import install
+
+    install(tuple(cfg.allow_networks))  # every request img2dataset makes is checked (redirects too)
     bad = sorted(RESERVED & set(rows.column_names) - {"url"})
     if bad:
         raise ValueError(f"input columns {bad} clash with img2dataset's own columns; rename them")

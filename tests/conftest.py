@@ -32,7 +32,7 @@ def demo_config(run_dir, **overrides):
     cfg = {
         "run": {"dir": str(run_dir), "seed": 0, "shard_size": 2},
         "input": {"synthetic": {"families": 3, "variants": 3, "image_size": 128, "seed": 2, "broken": True}},
-        "download": {"image_size": 128, "threads": 4, "timeout": 5},
+        "download": {"image_size": 128, "threads": 4, "timeout": 5, "allow_networks": ["127.0.0.1/32"]},
         "captioners": [{"name": "source", "backend": "source"}],
     }
     for dotted, value in overrides.items():

@@ -37,6 +37,8 @@ BOMB = _bomb()
 
 
 class Faults(BaseHTTPRequestHandler):
+    elsewhere = ""  # base URL of a second server on 127.0.0.2
+
     def log_message(self, *a):
         pass
 
@@ -68,6 +70,8 @@ class Faults(BaseHTTPRequestHandler):
             return self._send(200, jpeg(9, (1, 1)))
         if p == "/redirect.jpg":
             return self._send(302, b"", headers=[("Location", "/ok/5.jpg")])
+        if p == "/redirect-elsewhere.jpg":  # to another loopback address the config does not allow
+            return self._send(302, b"", headers=[("Location", f"{Faults.elsewhere}/ok/0.jpg")])
         if p == "/noai.jpg":
             return self._send(200, GOOD[2], headers=[("X-Robots-Tag", "noai")])
         return self._send(404, b"nope", "text/plain")
@@ -85,18 +89,42 @@ CASES = [  # (url, expected reason)
     ("redirect.jpg", "ok"),
     ("noai.jpg", "disallowed_by_site"),
     ("", "bad_url"),
+    ("redirect-elsewhere.jpg", "blocked"),
 ]
 
 
 def run_shard(out, base, shard_id=3, shard_size=100, **cfg):
     rows = pa.table({"url": [u for u, _ in CASES], "caption": [f"caption {i}" for i in range(len(CASES))],
                      "ident": list(range(len(CASES)))})
+    cfg.setdefault("allow_networks", ["127.0.0.1/32"])
     c = DownloadSection(image_size=32, timeout=2, threads=8, min_image_size=8, max_image_area=50_000_000, **cfg)
     return download_shard(shard_id, rows, str(out), c, shard_size, base)
 
 
+class Counting(BaseHTTPRequestHandler):
+    hits = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        Counting.hits.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(GOOD[0])))
+        self.end_headers()
+        self.wfile.write(GOOD[0])
+
+
 @pytest.fixture(scope="module")
-def server():
+def elsewhere():
+    with serve(Counting, host="127.0.0.2") as base:
+        Faults.elsewhere = base
+        yield base
+
+
+@pytest.fixture(scope="module")
+def server(elsewhere):
     with serve(Faults) as base:
         yield base
 
@@ -120,6 +148,20 @@ def test_every_url_gets_its_reason(downloaded):
     assert summary["rows"] == len(CASES) and summary["ok"] == 4
     assert summary["reasons"]["http_404"] == 1 and summary["reasons"]["timeout"] == 1
     assert meta[0]["ident"] == 0 and meta[-1]["ident"] == len(CASES) - 1
+    assert Counting.hits == []  # the redirect to 127.0.0.2 was refused before connecting
+    assert meta[-1]["error_message"].startswith("blocked: 127.0.0.2 resolves to 127.0.0.2 (loopback)")
+
+
+def test_loopback_is_blocked_unless_allowed(tmp_path, elsewhere):
+    Counting.hits.clear()
+    rows = pa.table({"url": [f"{elsewhere}/ok/0.jpg", "http://169.254.169.254/latest/meta-data/"]})
+    c = DownloadSection(image_size=32, timeout=2, threads=2)
+    summary = download_shard(0, rows, str(tmp_path), c, 10, None)
+    assert summary["reasons"] == {"blocked": 2} and Counting.hits == []
+    meta = pq.read_table(tmp_path / "00000.parquet").to_pylist()
+    assert "cloud metadata service" in meta[1]["error_message"]
+    c = DownloadSection(image_size=32, timeout=2, threads=2, allow_networks=["127.0.0.0/8"])
+    assert download_shard(1, rows.slice(0, 1), str(tmp_path), c, 10, None)["ok"] == 1 and len(Counting.hits) == 1
 
 
 def test_bomb_rejected_from_header_without_decoding(downloaded):
@@ -162,8 +204,8 @@ def test_own_server_gone_fails_the_shard_instead_of_committing_errors(tmp_path):
         pass  # the server is closed now: like the demo's server after its driver was killed
     rows = pa.table({"url": ["ok/0.jpg", "ok/1.jpg"]})
     with pytest.raises(RuntimeError, match="local image server stopped answering"):
-        download_shard(0, rows, str(tmp_path), DownloadSection(timeout=2), 10, base, own_server=True)
+        download_shard(0, rows, str(tmp_path), DownloadSection(timeout=2, allow_networks=["127.0.0.1/32"]), 10, base, own_server=True)
     assert not (tmp_path / "00000.parquet").exists() and not (tmp_path / "00000.tar").exists()
     # a server that is not ours: the errors are the URLs' own and are committed
-    summary = download_shard(0, rows, str(tmp_path), DownloadSection(timeout=2), 10, base)
+    summary = download_shard(0, rows, str(tmp_path), DownloadSection(timeout=2, allow_networks=["127.0.0.1/32"]), 10, base)
     assert summary["reasons"] == {"connection_error": 2}

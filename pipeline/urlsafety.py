@@ -1,0 +1,98 @@
+"""Which hosts the download stage may fetch: not loopback, private, link-local, cloud-metadata or other
+special addresses unless the config allows their network (`download.allow_networks`).
+
+The check runs before any connection, on every request img2dataset makes (redirects included): the
+target host is resolved and every address it resolves to must be allowed; the connection then checks
+the host again right before connecting. A name that resolves differently between that check and the
+connect (DNS rebinding within milliseconds) is not covered: put the crawler behind an egress firewall
+for that.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import urllib.parse
+import urllib.request
+
+# Cloud metadata services (AWS/GCP/Azure/OpenStack, AWS IPv6, Alibaba, Oracle).
+METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200",
+                                                "192.0.0.192")}
+
+
+class BlockedAddress(ValueError):
+    """Raised instead of connecting; img2dataset records its text, which starts with 'blocked'."""
+
+
+def address_problem(ip: str, allow: tuple = ()) -> str | None:
+    """Why an address may not be fetched (None: it may)."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    if any(addr in ipaddress.ip_network(n, strict=False) for n in allow):
+        return None
+    if addr in METADATA:
+        return "cloud metadata service"
+    for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
+        if getattr(addr, f"is_{kind}"):
+            return kind.replace("_", "-")
+    if addr in ipaddress.ip_network("100.64.0.0/10"):
+        return "shared (carrier-grade NAT)"
+    return None
+
+
+def check_host(host: str, port: int | None, allow: tuple = ()) -> None:
+    """Resolve host; raise BlockedAddress if any address it resolves to is not allowed."""
+    try:
+        infos = socket.getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return  # unresolvable: the connection fails on its own (connection_error)
+    for info in infos:
+        ip = info[4][0]
+        why = address_problem(ip, allow)
+        if why:
+            raise BlockedAddress(f"blocked: {host} resolves to {ip} ({why}); "
+                                 f"allow its network in download.allow_networks to fetch it")
+
+
+def _guarded(base):
+    class Guarded(base):
+        allow: tuple = ()
+
+        def connect(self):
+            if not getattr(self, "_tunnel_host", None):  # through a proxy the target was checked in *_open
+                check_host(self.host, self.port, self.allow)
+            super().connect()
+    return Guarded
+
+
+GuardedHTTPConnection = _guarded(http.client.HTTPConnection)
+GuardedHTTPSConnection = _guarded(http.client.HTTPSConnection)
+
+
+class GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allow: tuple):
+        super().__init__()
+        self.allow = allow
+
+    def http_open(self, req):
+        check_host(urllib.parse.urlsplit(req.full_url).hostname or "", None, self.allow)
+        conn = type("Conn", (GuardedHTTPConnection,), {"allow": self.allow})
+        return self.do_open(conn, req)
+
+
+class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allow: tuple):
+        super().__init__()
+        self.allow = allow
+
+    def https_open(self, req):
+        check_host(urllib.parse.urlsplit(req.full_url).hostname or "", None, self.allow)
+        conn = type("Conn", (GuardedHTTPSConnection,), {"allow": self.allow})
+        return self.do_open(conn, req, context=self._context)
+
+
+def install(allow: tuple) -> None:
+    """Make urllib (which img2dataset fetches with) check every request of this process."""
+    urllib.request.install_opener(urllib.request.build_opener(GuardedHTTPHandler(allow), GuardedHTTPSHandler(allow)))

@@ -1,0 +1,37 @@
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.urlsafety import BlockedAddress, address_problem, check_host
+
+from conftest import demo_config
+
+
+@pytest.mark.parametrize("ip,why", [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
+    ("10.1.2.3", "private"), ("172.16.0.9", "private"), ("192.168.1.1", "private"), ("fd12::1", "private"),
+    ("169.254.169.254", "cloud metadata service"), ("fd00:ec2::254", "cloud metadata service"),
+    ("100.100.100.200", "cloud metadata service"), ("169.254.10.1", "link-local"), ("fe80::1", "link-local"),
+    ("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"), ("100.64.1.1", "shared (carrier-grade NAT)"),
+    ("93.184.216.34", None), ("2606:4700::1111", None),
+])
+def test_decisions_before_any_connection(ip, why):
+    assert address_problem(ip) == why
+
+
+def test_allowed_networks_and_names():
+    assert address_problem("127.0.0.5", ("127.0.0.0/8",)) is None
+    assert address_problem("127.0.0.5", ("127.0.0.1/32",)) == "loopback"
+    assert address_problem("169.254.169.254", ("10.0.0.0/8",)) == "cloud metadata service"
+    with pytest.raises(BlockedAddress, match=r"^blocked: localhost resolves to .* \(loopback\)"):
+        check_host("localhost", 80)
+    check_host("localhost", 80, ("127.0.0.0/8", "::1/128"))
+
+
+def test_config_requires_the_loopback_opt_in_for_local_servers(tmp_path):
+    cfg = demo_config(tmp_path / "run")
+    cfg["download"].pop("allow_networks")
+    with pytest.raises(ConfigError, match="opt in with download.allow_networks"):
+        load_config(data=cfg)
+    cfg["download"]["allow_networks"] = ["not-a-net"]
+    with pytest.raises(ConfigError, match="'not-a-net' is not a network"):
+        load_config(data=cfg)
