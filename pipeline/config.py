@@ -315,6 +315,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     return cfg
 
 
+class _TrainFile(Strict):
+    train: TrainSection
+
+
 def load_train_config(path: str, overrides: list[str] = ()) -> tuple[TrainSection, Optional[str]]:
     """`longcap train` input: a run config with a `train:` section (-> its run dir), or a file that is only
     the train section (its keys at the top level; overrides then name them without `train.`)."""
@@ -327,7 +331,7 @@ def load_train_config(path: str, overrides: list[str] = ()) -> tuple[TrainSectio
     for o in overrides:
         apply_override(data, *parse_override(o))
     try:
-        return Config.model_validate({"run": {"dir": "-"}, "input": {"synthetic": {}}, "train": data}).train, None
+        return _TrainFile.model_validate({"train": data}).train, None
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source=str(path))) from None
 
