@@ -258,3 +258,29 @@ def test_ray_train_two_workers(ray_session, world, tmp_path):
     rows = [json.loads(x) for x in Path(tmp_path / "ray", "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2] and rows[0]["world_size"] == 2
     assert res["step"] == 2 and load_model(tmp_path / "ray").cfg.name == "caft-tiny"
+
+
+def test_caft_scorer_embeds_like_the_model(world, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from model.data import image_transform, tokenize
+    from model.scorer import CaftScorer
+    from model.train import train
+
+    urls = world_shards(world, tmp_path / "shards")
+    train(tiny_cfg(steps=1), urls, tmp_path / "t")
+    scorer = CaftScorer(str(tmp_path / "t"))
+    assert scorer.image_size == 56 and scorer.name.endswith("@1")
+    imgs = [Image.open(p) for p in sorted((world / "images").glob("*.jpg"))[:3]]
+    texts = ["A small red square.", "The background is white."]
+    iv, tv = scorer.encode_images(imgs), scorer.encode_texts(texts)
+    assert iv.shape == (3, 64) and tv.shape == (2, 64)
+    assert np.allclose(np.linalg.norm(iv, axis=1), 1, atol=1e-5) and np.allclose(np.linalg.norm(tv, axis=1), 1, atol=1e-5)
+    m = scorer.model
+    with torch.no_grad():
+        cls = m.encode_image(torch.stack([image_transform(56)(im.convert("RGB")) for im in imgs]))["cls"]
+        ones = torch.ones(2, 1, dtype=torch.bool)
+        whole = m.encode_text(tokenize(texts).unsqueeze(1), ones, ones)["whole"]
+    assert np.allclose(iv, torch.nn.functional.normalize(cls, dim=-1).numpy(), atol=1e-5)
+    assert np.allclose(tv, torch.nn.functional.normalize(whole, dim=-1).numpy(), atol=1e-5)

@@ -1,0 +1,48 @@
+"""A trained CAFT as an image-text scorer (the regions stage's scorer interface): image crops -> [CLS]
+embeddings, sentences (each one chunk) -> whole-caption embeddings, both L2-normalised numpy arrays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import latest, load_model
+from .data import image_transform, tokenize
+
+
+class CaftScorer:
+    def __init__(self, checkpoint: str, device: str = "cpu", image_size: int | None = None, batch_size: int = 64):
+        self.model = load_model(checkpoint, device)
+        self.device, self.batch_size = device, batch_size
+        self.image_size = image_size or _trained_size(checkpoint) or 224
+        self.name = f"caft:{self.model.cfg.name}:{checkpoint}@{self.model.trained_steps}"
+
+    @torch.inference_mode()
+    def encode_images(self, images: list) -> np.ndarray:
+        tf = image_transform(self.image_size)
+        out = [F.normalize(self.model.encode_image(torch.stack([tf(im.convert("RGB")) for im in images[i:i + self.batch_size]])
+                                                   .to(self.device))["cls"].float(), dim=-1).cpu().numpy()
+               for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.model.cfg.embed_dim), np.float32)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            tokens = tokenize(texts[i:i + self.batch_size]).unsqueeze(1).to(self.device)  # each text one chunk
+            ones = torch.ones(tokens.shape[:2], dtype=torch.bool, device=self.device)
+            out.append(F.normalize(self.model.encode_text(tokens, ones, ones)["whole"].float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.cfg.embed_dim), np.float32)
+
+
+def _trained_size(checkpoint: str) -> int | None:
+    """The image size the model was trained at, from its training folder (train.json)."""
+    p = Path(checkpoint)
+    ck = latest(p) if p.is_dir() and (p / "latest").exists() else (p if p.is_dir() else None)
+    if ck is not None and (ck / "train.json").exists():
+        return json.loads((ck / "train.json").read_text()).get("image_size")
+    return None
