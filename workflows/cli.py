@@ -47,7 +47,7 @@ def cmd_run(args) -> int:
     if bad:
         raise ConfigError(f"--stages: unknown stage(s) {bad}; allowed: {', '.join(ORDER)}")
     shards = [int(s) for s in _split_csv(args.shards)] if args.shards else None
-    run = RunDir(cfg.run.dir)
+    run = RunDir(cfg.run.dir, cfg.input.images_from)
     changed = run.check_config(cfg, force=args.force)
     if changed:
         print("config changed (--force):\n  " + "\n  ".join(changed), file=sys.stderr)

@@ -77,6 +77,8 @@ class Runner:
                  shards: list[int] | None = None, progress: bool = True):
         self.cfg, self.run = cfg, run
         self.stages = [s for s in ORDER if s in (stages or cfg.run.stages)]
+        if cfg.input.images_from:  # images come from an earlier run: never download into it
+            self.stages = [s for s in self.stages if s != "download"]
         self.only = set(shards) if shards is not None else None
         self.progress = progress and sys.stderr.isatty()
         self.manifest = run.load_manifest()
@@ -116,6 +118,8 @@ class Runner:
                 up = ORDER[ORDER.index(stage) - 1] if ORDER.index(stage) else None
                 if up is None or self.run.is_done(up, shard):
                     pending[stage].append(shard)
+                elif up == "download" and self.cfg.input.images_from:
+                    result.blocked[(stage, shard)] = f"input.images_from run {self.cfg.input.images_from} has no images for it"
                 elif up not in self.stages:
                     result.blocked[(stage, shard)] = f"needs {up} output first (run with --stages {up},{stage})"
                 break
@@ -155,7 +159,8 @@ class Runner:
                             actor = None
                         else:
                             if not actors[stage] and live_actors[stage] < max_actors:
-                                actors[stage].append(_StageActor.options(num_cpus=1).remote(
+                                gpus = getattr(WORKERS[stage], "num_gpus", lambda cfg: 0)(self.cfg)
+                                actors[stage].append(_StageActor.options(num_cpus=1, num_gpus=gpus).remote(
                                     stage, self.cfg, self.run.root, base_url))
                                 live_actors[stage] += 1
                             if not actors[stage]:
