@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="tiny VLM text layers")
     ap.add_argument("--in-flight", type=int, default=4, help="openai: requests in flight")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (hf)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", choices=["hf", "openai"], default=None)
     args, _ = ap.parse_known_args()
 

@@ -32,6 +32,14 @@ class Request:
     prompt_id: str
     image: Image.Image
     seed: int
+    jpeg: bytes | None = None  # the stored JPEG when it needed no resize: sent as it is
+
+
+def image_url(r: Request) -> str:
+    """The request's image as a data URL: the stored JPEG bytes if unchanged, else re-encoded."""
+    if r.jpeg is not None:
+        return "data:image/jpeg;base64," + base64.b64encode(r.jpeg).decode("ascii")
+    return data_url(r.image)
 
 
 @dataclass
@@ -146,12 +154,14 @@ class MLLMCaptioner:
                 if key not in data:
                     raise ValueError(f"not in {tar_path}")
                 image = decode_image(data[key], self.cfg.image_max_side, self.max_pixels)
+                same = data[key][:3] == b"\xff\xd8\xff" and image.size == Image.open(io.BytesIO(data[key])).size
             except Exception as e:  # noqa: BLE001 - a broken image costs its own rows only
                 for row in base:
                     row.update(status=FAILED, error=f"image unreadable: {type(e).__name__}: {e}")
                 continue
             for row in base:
-                requests.append(Request(key, row["prompt_id"], image, self.seed(key, row["prompt_id"])))
+                requests.append(Request(key, row["prompt_id"], image, self.seed(key, row["prompt_id"]),
+                                        data[key] if same else None))
                 slots.append(row)
         results = self.generate(requests) if requests else []
         if len(results) != len(requests):

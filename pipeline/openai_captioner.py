@@ -16,7 +16,7 @@ import os
 import random
 import time
 
-from .mllm import MLLMCaptioner, Request, Result, chat_messages, data_url
+from .mllm import MLLMCaptioner, Request, Result, chat_messages, image_url
 
 UNAVAILABLE = {408, 429, 502, 503, 504}
 
@@ -41,7 +41,7 @@ class OpenAICaptioner(MLLMCaptioner):
 
     def body(self, r: Request) -> dict:
         g = self.cfg.generation
-        image = {"type": "image_url", "image_url": {"url": data_url(r.image)}}
+        image = {"type": "image_url", "image_url": {"url": image_url(r)}}
         return {"model": self.model_id, "messages": chat_messages(self.prompts[r.prompt_id], image),
                 "max_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "seed": r.seed,
                 "stream": False, **self.cfg.extra_body}

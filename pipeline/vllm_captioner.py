@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from .mllm import MLLMCaptioner, Request, Result, chat_messages, data_url
+from .mllm import MLLMCaptioner, Request, Result, chat_messages, image_url
 
 
 def engine_args(cfg) -> dict:
@@ -56,7 +56,7 @@ class VLLMCaptioner(MLLMCaptioner):
         return self.engine.chat(messages, sampling_params=[SamplingParams(**p) for p in params], use_tqdm=False)
 
     def messages(self, r: Request) -> list[dict]:
-        return chat_messages(self.prompts[r.prompt_id], {"type": "image_url", "image_url": {"url": data_url(r.image)}})
+        return chat_messages(self.prompts[r.prompt_id], {"type": "image_url", "image_url": {"url": image_url(r)}})
 
     def generate(self, requests: list[Request]) -> list[Result]:
         messages = [self.messages(r) for r in requests]

@@ -109,6 +109,9 @@ def test_400_is_recorded_per_image_and_500_after_retries(scripted, tmp_path, mon
     assert auth == "Bearer sk-test-123"
     assert body["model"] == "m" and body["max_tokens"] == 8 and body["temperature"] == 0.0 and body["stream"] is False
     assert {b["seed"] for _, b in Scripted.seen} >= {cap.seed("0002", "long"), cap.seed("0002", "short")}
+    sent = {base64.b64decode(b["messages"][-1]["content"][0]["image_url"]["url"].split(",", 1)[1])
+            for _, b in Scripted.seen}
+    assert jpeg((0, 0, 255), (42, 32)) in sent  # a JPEG within image_max_side goes as stored, not re-encoded
 
 
 def test_busy_server_is_retried_and_a_missing_key_is_named(scripted, tmp_path, monkeypatch):
