@@ -40,6 +40,7 @@ class RaySection(Strict):
     runtime_env: Optional[dict[str, Any]] = None
     shard_retries: int = Field(2, ge=0, description="extra attempts for a shard whose task fails")
     download_tasks: Optional[int] = Field(None, ge=1, description="download shards in flight (default: CPUs)")
+    captions_actors: int = Field(1, ge=1, description="captions actors (each loads every captioner's model once)")
 
 
 class SyntheticSection(Strict):

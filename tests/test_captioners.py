@@ -178,14 +178,16 @@ def test_hf_backend_sampling_is_seeded_and_a_bad_model_path_is_named(tiny_vlm, t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_recaption_an_earlier_runs_images_with_hf_on_ray(ray_session, tiny_vlm, tmp_path):
-    """Run 1 downloads; run 2 takes its images (input.images_from), captions with source + hf, splits sentences."""
+    """Run 1 downloads; run 2 takes its images (input.images_from), captions with source + hf in two actors
+    (all of Ray's 2 CPUs: they must give them back for the sentences tasks), splits sentences."""
     first = tmp_path / "first"
     cfg1 = tmp_path / "first.yaml"
     cfg1.write_text(yaml.safe_dump(demo_config(first)))
     assert main(["run", str(cfg1), "--stages", "download", "--no-progress"]) == 0
     second = tmp_path / "second"
-    data = demo_config(second)
+    data = demo_config(second, **{"ray.captions_actors": 2})
     data["input"] = {"images_from": str(first), "caption_cols": ["caption"]}
     data["captioners"] = [{"name": "source", "backend": "source"},
                           {"name": "tiny", "backend": "hf", "model": str(tiny_vlm), "prompts": ["long", "short"],
@@ -209,6 +211,16 @@ def test_recaption_an_earlier_runs_images_with_hf_on_ray(ray_session, tiny_vlm, 
 
     st = run_status(RunDir(second))
     assert st["accounted"] and st["urls"] == 12 and st["stages"]["captions"]["shards_done"] == 6
+    assert st["stages"]["sentences"]["shards_done"] == 6
+
+
+def test_gpu_captioner_on_a_local_ray_without_gpus_is_a_config_error(ray_session, tmp_path, capsys):
+    data = demo_config(tmp_path / "run")
+    data["captioners"] = [{"name": "g", "backend": "hf", "model": "x", "gpus": 1}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
+    assert "captions: an actor needs 1 GPU(s) (captioners[].gpus) but the Ray cluster has 0" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "images" / "00000.parquet").exists()  # refused before any work
 
 
 # ---------------------------------------------------------------- vLLM backend (engine isolated)
