@@ -169,7 +169,6 @@ def test_transformers_serve_drives_the_openai_backend(serve, tmp_path):
 
 @pytest.mark.slow
 def test_server_killed_mid_shard_then_back_the_shard_completes(tiny_vlm, tmp_path):
-    server = Serve(tiny_vlm, log=tmp_path / "serve.log").start()
     done = []
 
     class Counting(OpenAICaptioner):
@@ -179,11 +178,13 @@ def test_server_killed_mid_shard_then_back_the_shard_completes(tiny_vlm, tmp_pat
             return res
 
     meta, tar = shard(tmp_path, n=8)
+    server = Serve(tiny_vlm, log=tmp_path / "serve.log")
     cap = Counting(entry(server.base_url, model=str(tiny_vlm), max_in_flight=2, retries=12, backoff=0.2,
                          backoff_max=2, generation={"max_new_tokens": 48}), PROMPTS, QualitySection())
     out = {}
-    worker = threading.Thread(target=lambda: out.update(table=cap.caption_shard(meta, tar)))
+    worker = threading.Thread(target=lambda: out.update(table=cap.caption_shard(meta, tar)), daemon=True)
     try:
+        server.start()
         worker.start()
         deadline = time.time() + 60
         while len(done) < 3 and time.time() < deadline:
@@ -207,7 +208,7 @@ def test_runner_records_the_failed_shard_and_a_rerun_completes_it(ray_session, t
     first = tmp_path / "first"
     (tmp_path / "first.yaml").write_text(yaml.safe_dump(demo_config(first)))
     assert main(["run", str(tmp_path / "first.yaml"), "--stages", "download", "--no-progress"]) == 0
-    server = Serve(tiny_vlm, log=tmp_path / "serve.log").start()
+    server = Serve(tiny_vlm, log=tmp_path / "serve.log")
     run = tmp_path / "recap"
     data = demo_config(run, **{"ray.shard_retries": 0})
     data["input"] = {"images_from": str(first)}
@@ -217,8 +218,9 @@ def test_runner_records_the_failed_shard_and_a_rerun_completes_it(ray_session, t
     cfg.write_text(yaml.safe_dump(data))
     result = {}
     worker = threading.Thread(target=lambda: result.update(rc=main(["run", str(cfg), "--stages", "captions",
-                                                                    "--no-progress"])))
+                                                                    "--no-progress"])), daemon=True)
     try:
+        server.start()
         worker.start()
         deadline = time.time() + 120
         while not list((run / "captions").glob("*.parquet")) and time.time() < deadline:
