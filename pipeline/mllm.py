@@ -30,16 +30,19 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 class Request:
     key: str
     prompt_id: str
-    image: Image.Image
+    jpeg: bytes  # the image as sent: the stored JPEG if it needed no resize, else the resized one re-encoded
     seed: int
-    jpeg: bytes | None = None  # the stored JPEG when it needed no resize: sent as it is
+
+    @property
+    def image(self) -> Image.Image:
+        """Decoded on demand, so a shard in flight holds JPEG bytes, not pixels."""
+        with Image.open(io.BytesIO(self.jpeg)) as im:
+            return im.convert("RGB")
 
 
 def image_url(r: Request) -> str:
-    """The request's image as a data URL: the stored JPEG bytes if unchanged, else re-encoded."""
-    if r.jpeg is not None:
-        return "data:image/jpeg;base64," + base64.b64encode(r.jpeg).decode("ascii")
-    return data_url(r.image)
+    """The request's image as a base64 JPEG data URL (what OpenAI-compatible servers take inline)."""
+    return "data:image/jpeg;base64," + base64.b64encode(r.jpeg).decode("ascii")
 
 
 @dataclass
@@ -63,11 +66,10 @@ def chat_messages(prompt, image_part: dict) -> list[dict]:
     return messages
 
 
-def data_url(image: Image.Image, quality: int = 95) -> str:
-    """The image as a base64 JPEG data URL (what OpenAI-compatible servers take inline)."""
+def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def fit(image: Image.Image, max_side: int) -> Image.Image:
@@ -133,6 +135,14 @@ class MLLMCaptioner:
                            "seed": seed, "image_max_side": self.cfg.image_max_side,
                            "prompt_version": self.prompts[prompt_id].version}, sort_keys=True)
 
+    def prepare(self, data: bytes) -> bytes:
+        """Checked image bytes to send: the stored JPEG when it fits image_max_side, else resized and re-encoded."""
+        image = decode_image(data, self.cfg.image_max_side, self.max_pixels)
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG" and im.mode == "RGB" and im.size == image.size:
+                return data
+        return jpeg_bytes(image)
+
     def caption_shard(self, images: pa.Table, tar_path: str | None = None) -> pa.Table:
         """One row per (key, prompt) of the shard; keys without a usable image get a skipped/failed row."""
         meta = images.select(["key", "status", "error_message"]).to_pylist()
@@ -153,15 +163,13 @@ class MLLMCaptioner:
             try:
                 if key not in data:
                     raise ValueError(f"not in {tar_path}")
-                image = decode_image(data[key], self.cfg.image_max_side, self.max_pixels)
-                same = data[key][:3] == b"\xff\xd8\xff" and image.size == Image.open(io.BytesIO(data[key])).size
+                blob = self.prepare(data[key])
             except Exception as e:  # noqa: BLE001 - a broken image costs its own rows only
                 for row in base:
                     row.update(status=FAILED, error=f"image unreadable: {type(e).__name__}: {e}")
                 continue
             for row in base:
-                requests.append(Request(key, row["prompt_id"], image, self.seed(key, row["prompt_id"]),
-                                        data[key] if same else None))
+                requests.append(Request(key, row["prompt_id"], blob, self.seed(key, row["prompt_id"])))
                 slots.append(row)
         results = self.generate(requests) if requests else []
         if len(results) != len(requests):

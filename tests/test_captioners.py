@@ -92,6 +92,21 @@ def test_decode_image_resizes_and_enforces_the_pixel_limit():
         decode_image(jpeg((0, 0, 0), size=(400, 100)), max_side=64, max_pixels=1000)
 
 
+def test_prepare_sends_stored_jpegs_as_they_are_and_resizes_the_rest():
+    from pipeline.mllm import MLLMCaptioner
+
+    cap = MLLMCaptioner(CaptionerSection(name="p", backend="hf", model="x", image_max_side=64), PROMPTS, QualitySection())
+    small = jpeg((1, 2, 3), size=(64, 40))
+    assert cap.prepare(small) == small
+    big = cap.prepare(jpeg((200, 10, 10), size=(256, 128)))
+    png = io.BytesIO()
+    Image.new("RGB", (30, 20), (0, 90, 0)).save(png, format="PNG")
+    for blob, size in ((big, (64, 32)), (cap.prepare(png.getvalue()), (30, 20))):
+        with Image.open(io.BytesIO(blob)) as im:
+            assert im.format == "JPEG" and im.size == size
+    assert Request("k", "long", big, 0).image.getpixel((32, 16))[0] > 180
+
+
 class Echo:
     """A backend whose 'model' answers with what it was asked (to test the row plumbing alone)."""
 
@@ -155,8 +170,8 @@ def test_hf_backend_rows_and_batching(tiny_vlm, tmp_path):
         assert flags == caption_flags(cap.checker, r["text"], r["finish_reason"])
         assert ("truncated" in flags) == (r["finish_reason"] == "length" or not r["text"].endswith("."))
     # batched generation (left padding, 3 per batch) gives exactly what one-by-one generation gives
-    requests = [Request(r["key"], r["prompt_id"], decode_image(jpeg(colors[int(r["key"])], (40 + 9 * int(r["key"]), 36)),
-                                                              768), 0) for r in ok]
+    requests = [Request(r["key"], r["prompt_id"], jpeg(colors[int(r["key"])], (40 + 9 * int(r["key"]), 36)), 0)
+                for r in ok]
     alone = cap.generate_one_by_one(requests)
     assert [r["text"] for r in ok] == [a.text for a in alone]
     assert [r["n_tokens"] for r in ok] == [a.n_tokens for a in alone]
