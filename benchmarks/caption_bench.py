@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import os
+import signal
 import sys
 import tarfile
 import tempfile
@@ -142,6 +143,7 @@ def bench_openai(model_dir, meta, tar, blobs, args) -> dict:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: still run the finally that stops the server
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--size", type=int, default=256, help="JPEG side in pixels")
