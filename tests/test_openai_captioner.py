@@ -179,7 +179,7 @@ def test_server_killed_mid_shard_then_back_the_shard_completes(tiny_vlm, tmp_pat
 
     meta, tar = shard(tmp_path, n=8)
     server = Serve(tiny_vlm, log=tmp_path / "serve.log")
-    cap = Counting(entry(server.base_url, model=str(tiny_vlm), max_in_flight=2, retries=12, backoff=0.2,
+    cap = Counting(entry(server.base_url, model=str(tiny_vlm), max_in_flight=2, retries=30, backoff=0.2,
                          backoff_max=2, generation={"max_new_tokens": 48}), PROMPTS, QualitySection())
     out = {}
     worker = threading.Thread(target=lambda: out.update(table=cap.caption_shard(meta, tar)), daemon=True)
