@@ -192,6 +192,16 @@ def test_hf_backend_sampling_is_seeded_and_a_bad_model_path_is_named(tiny_vlm, t
         build_captioner(hf_entry(tmp_path / "missing"), [], PROMPTS, QualitySection())
 
 
+def test_hf_backend_dtype_from_the_config(tiny_vlm, tmp_path):
+    import torch
+
+    meta, tar = write_shard(tmp_path, {"0000": jpeg((9, 99, 199))})
+    cap = build_captioner(hf_entry(tiny_vlm, dtype="bfloat16", max_new_tokens=5), [], PROMPTS, QualitySection())
+    assert cap.model.dtype == torch.bfloat16 and str(cap.model.device) == "cpu"
+    rows = cap.caption_shard(meta, tar).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(1 <= r["n_tokens"] <= 5 for r in rows)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_recaption_an_earlier_runs_images_with_hf_on_ray(ray_session, tiny_vlm, tmp_path):
