@@ -168,7 +168,7 @@ def test_transformers_serve_drives_the_openai_backend(serve, tmp_path):
 
 
 @pytest.mark.slow
-def test_server_killed_mid_shard_then_back_the_shard_completes(tiny_vlm, tmp_path):
+def test_server_killed_mid_shard_then_back_the_shard_completes(serve, tiny_vlm, tmp_path):
     done = []
 
     class Counting(OpenAICaptioner):
@@ -178,13 +178,12 @@ def test_server_killed_mid_shard_then_back_the_shard_completes(tiny_vlm, tmp_pat
             return res
 
     meta, tar = shard(tmp_path, n=8)
-    server = Serve(tiny_vlm, log=tmp_path / "serve.log")
+    server = serve
     cap = Counting(entry(server.base_url, model=str(tiny_vlm), max_in_flight=2, retries=30, backoff=0.2,
                          backoff_max=2, generation={"max_new_tokens": 48}), PROMPTS, QualitySection())
     out = {}
     worker = threading.Thread(target=lambda: out.update(table=cap.caption_shard(meta, tar)), daemon=True)
     try:
-        server.start()
         worker.start()
         deadline = time.time() + 60
         while len(done) < 3 and time.time() < deadline:
@@ -195,20 +194,21 @@ def test_server_killed_mid_shard_then_back_the_shard_completes(tiny_vlm, tmp_pat
         server.start()
         worker.join(timeout=120)
     finally:
-        server.stop()
+        if server.proc is None:  # the module's server: leave it running
+            server.start()
     assert 3 <= killed_at < 16, "the kill did not land mid-shard"
     rows = out["table"].to_pylist()
     assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
 
 
 @pytest.mark.slow
-def test_runner_records_the_failed_shard_and_a_rerun_completes_it(ray_session, tiny_vlm, tmp_path):
+def test_runner_records_the_failed_shard_and_a_rerun_completes_it(ray_session, serve, tiny_vlm, tmp_path):
     """The server dies during a run: shards still to caption fail with the reason; with the server back,
     a rerun captions exactly those."""
     first = tmp_path / "first"
     (tmp_path / "first.yaml").write_text(yaml.safe_dump(demo_config(first)))
     assert main(["run", str(tmp_path / "first.yaml"), "--stages", "download", "--no-progress"]) == 0
-    server = Serve(tiny_vlm, log=tmp_path / "serve.log")
+    server = serve
     run = tmp_path / "recap"
     data = demo_config(run, **{"ray.shard_retries": 0})
     data["input"] = {"images_from": str(first)}
@@ -220,7 +220,6 @@ def test_runner_records_the_failed_shard_and_a_rerun_completes_it(ray_session, t
     worker = threading.Thread(target=lambda: result.update(rc=main(["run", str(cfg), "--stages", "captions",
                                                                     "--no-progress"])), daemon=True)
     try:
-        server.start()
         worker.start()
         deadline = time.time() + 120
         while not list((run / "captions").glob("*.parquet")) and time.time() < deadline:
@@ -238,7 +237,8 @@ def test_runner_records_the_failed_shard_and_a_rerun_completes_it(ray_session, t
         server.start()
         assert main(["run", str(cfg), "--stages", "captions", "--no-progress"]) == 0
     finally:
-        server.stop()
+        if server.proc is None:
+            server.start()
     rows = [r for f in sorted((run / "captions").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert len(rows) == 12 and sum(r["status"] == "ok" for r in rows) == 9
     assert {name: (run / "captions" / name).stat().st_mtime_ns for name in done} == done  # not redone
