@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -66,6 +67,11 @@ class InputSection(Strict):
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
+
+    @field_validator("images_from")
+    @classmethod
+    def _absolute(cls, v):  # Ray workers may start in another folder
+        return os.path.abspath(v) if v and "://" not in v else v
 
     @model_validator(mode="after")
     def _one_source(self):

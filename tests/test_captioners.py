@@ -4,6 +4,7 @@ import base64
 import hashlib
 import io
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -70,6 +71,10 @@ def test_images_from_is_exclusive_and_must_be_a_run(tmp_path):
     data["input"] = {"images_from": str(tmp_path), "urls": [str(tmp_path / "x.txt")]}
     with pytest.raises(ConfigError, match="input.urls and input.images_from are exclusive"):
         load_config(data=data)
+    from pipeline.config import InputSection
+
+    assert InputSection(images_from="runs/old").images_from == str(Path.cwd() / "runs" / "old")  # for Ray workers
+    assert InputSection(images_from="s3://bucket/runs/old").images_from == "s3://bucket/runs/old"
 
 
 # ---------------------------------------------------------------- shared code
