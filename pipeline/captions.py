@@ -1,10 +1,14 @@
 """Captions stage: one row per (key, captioner, prompt). Backends plug in here.
 
 The `source` backend takes captions that came with the input (one prompt id
-per column), so corpora that already have captions need no MLLM.
+per column), so corpora that already have captions need no MLLM. The model
+backends (`hf`, `openai`, `vllm`) share pipeline/mllm.py and are imported only
+when a config uses them.
 """
 
 from __future__ import annotations
+
+import json
 
 import pyarrow as pa
 
@@ -14,12 +18,17 @@ from .records import CAPTIONS, FAILED, OK, SKIPPED, download_reason, empty_row, 
 class SourceCaptioner:
     """Captions from input columns; `columns` defaults to every caption column of the input."""
 
-    def __init__(self, name: str, columns: list[str]):
+    def __init__(self, name: str, columns: list[str], quality_cfg=None):
         if not columns:
             raise ValueError(f"captioner {name!r}: the input has no caption columns (set input.caption_cols)")
         self.name, self.columns = name, list(columns)
+        self.checker = None
+        if quality_cfg is not None:
+            from .quality import QualityChecker
 
-    def caption_shard(self, images: pa.Table) -> pa.Table:
+            self.checker = QualityChecker(quality_cfg)
+
+    def caption_shard(self, images: pa.Table, tar_path: str | None = None) -> pa.Table:
         missing = [c for c in self.columns if c not in images.column_names]
         if missing:
             raise ValueError(f"captioner {self.name!r}: columns {missing} are not in the image metadata "
@@ -38,13 +47,34 @@ class SourceCaptioner:
                     row.update(status=FAILED, error=f"empty caption in column {col!r}")
                 else:
                     row.update(status=OK, text=str(text))
+                    if self.checker is not None:
+                        from .mllm import caption_flags
+
+                        row["flags"] = json.dumps(caption_flags(self.checker, row["text"], "source"))
                 rows.append(row)
         return table(rows, CAPTIONS)
 
 
-def build_captioner(cfg, input_caption_cols: list[str]):
-    """A captioner object from one `captioners[]` config entry."""
+def build_captioner(cfg, input_caption_cols: list[str], prompts: dict | None = None, quality_cfg=None,
+                    run_seed: int = 0, max_pixels: float | None = None):
+    """A captioner object from one `captioners[]` config entry (model backends load their model here)."""
     if cfg.backend == "source":
-        cols = cfg.columns or input_caption_cols
-        return SourceCaptioner(cfg.name, cols)
-    raise ValueError(f"captioner {cfg.name!r}: unknown backend {cfg.backend!r}")
+        return SourceCaptioner(cfg.name, cfg.columns or input_caption_cols, quality_cfg)
+    if quality_cfg is None:
+        from .config import QualitySection
+
+        quality_cfg = QualitySection()
+    if prompts is None:
+        from .config import DEFAULT_PROMPTS, PromptSection
+
+        prompts = {k: PromptSection(**v) for k, v in DEFAULT_PROMPTS.items()}
+    extra = {} if max_pixels is None else {"max_pixels": max_pixels}
+    if cfg.backend == "hf":
+        from .hf_captioner import HFCaptioner as cls
+    elif cfg.backend == "openai":
+        from .openai_captioner import OpenAICaptioner as cls
+    elif cfg.backend == "vllm":
+        from .vllm_captioner import VLLMCaptioner as cls
+    else:
+        raise ValueError(f"captioner {cfg.name!r}: unknown backend {cfg.backend!r}")
+    return cls(cfg, prompts, quality_cfg, run_seed, **extra)

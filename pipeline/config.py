@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -40,6 +41,7 @@ class RaySection(Strict):
     runtime_env: Optional[dict[str, Any]] = None
     shard_retries: int = Field(2, ge=0, description="extra attempts for a shard whose task fails")
     download_tasks: Optional[int] = Field(None, ge=1, description="download shards in flight (default: CPUs)")
+    captions_actors: int = Field(1, ge=1, description="captions actors (each loads every captioner's model once)")
 
 
 class SyntheticSection(Strict):
@@ -59,18 +61,25 @@ class InputSection(Strict):
     base_url: Optional[str] = Field(None, description="relative URLs are resolved against this")
     serve_dir: Optional[str] = Field(None, description="serve this folder on 127.0.0.1 during download; relative URLs point there")
     synthetic: Optional[SyntheticSection] = Field(None, description="generate the synthetic world in <run>/synth and serve it")
+    images_from: Optional[str] = Field(None, description="an earlier run's directory: reuse its images/ (no download)")
 
     @field_validator("urls", "caption_cols", "extra_cols", mode="before")
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @field_validator("images_from")
+    @classmethod
+    def _absolute(cls, v):  # Ray workers may start in another folder
+        return os.path.abspath(v) if v and "://" not in v else v
+
     @model_validator(mode="after")
     def _one_source(self):
-        if self.synthetic is None and not self.urls:
-            raise ValueError("set input.urls (URL list files) or input.synthetic")
-        if self.synthetic is not None and self.urls:
-            raise ValueError("input.urls and input.synthetic are exclusive: pick one")
+        given = [k for k in ("urls", "synthetic", "images_from") if getattr(self, k)]
+        if not given:
+            raise ValueError("set input.urls (URL list files), input.synthetic or input.images_from (an earlier run)")
+        if len(given) > 1:
+            raise ValueError(f"input.{' and input.'.join(given)} are exclusive: pick one")
         return self
 
 
@@ -106,15 +115,82 @@ class DownloadSection(Strict):
         return v
 
 
+class PromptSection(Strict):
+    text: str = Field(min_length=1, description="the instruction sent with the image")
+    version: int = Field(1, ge=1, description="bump when the text changes; recorded with the text's hash")
+    system: Optional[str] = Field(None, description="optional system message")
+
+
+DEFAULT_PROMPTS = {
+    "long": {"text": "Describe this image in detail. Write several complete sentences covering every visible "
+                     "object, its colour, size, shape, texture and position, any text, and how the objects relate "
+                     "to each other and to the background. Describe only what is visible.", "version": 1},
+    "short": {"text": "Write one short sentence that describes the main content of this image.", "version": 1},
+}
+
+
+class GenerationSection(Strict):
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0, le=5, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: Optional[int] = Field(None, description="None: run.seed; either way a seed per key is derived from it")
+
+
+BACKEND_KEYS = {  # keys that only some backends read
+    "columns": {"source"},
+    "model": {"hf", "openai", "vllm"}, "prompts": {"hf", "openai", "vllm"}, "generation": {"hf", "openai", "vllm"},
+    "image_max_side": {"hf", "openai", "vllm"}, "batch_size": {"hf"}, "device": {"hf"}, "dtype": {"hf", "vllm"},
+    "base_url": {"openai"}, "api_key_env": {"openai"}, "max_in_flight": {"openai"}, "timeout": {"openai"},
+    "retries": {"openai"}, "backoff": {"openai"}, "backoff_max": {"openai"}, "extra_body": {"openai"},
+    "tensor_parallel_size": {"vllm"}, "engine_args": {"vllm"},
+}
+
+
 class CaptionerSection(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    backend: Literal["source"]
+    backend: Literal["source", "hf", "openai", "vllm"]
     columns: list[str] = Field(default_factory=list, description="source: input caption columns (default: all of input.caption_cols)")
+    model: Optional[str] = Field(None, description="hf/vllm: model path or hub id; openai: the server's model name")
+    prompts: list[str] = Field(default_factory=lambda: ["long"], description="prompt ids (keys of `prompts`); one row each")
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    image_max_side: int = Field(768, ge=16, description="images are resized to fit this before captioning")
+    gpus: float = Field(0, ge=0, description="GPUs the captions actor reserves for this captioner (vllm: default tensor_parallel_size)")
+    batch_size: int = Field(8, ge=1, description="hf: images per generate call")
+    device: str = Field("cpu", description="hf: 'cpu', 'cuda', 'cuda:1', 'auto'")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    base_url: Optional[str] = Field(None, description="openai: server root, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: Optional[str] = Field(None, description="openai: name of the environment variable holding the API key")
+    max_in_flight: int = Field(16, ge=1, le=4096, description="openai: requests in flight at once")
+    timeout: float = Field(120, gt=0, description="openai: seconds per request")
+    retries: int = Field(6, ge=0, description="openai: extra attempts on 429/5xx/timeouts/connection errors")
+    backoff: float = Field(0.5, ge=0, description="openai: first retry delay in seconds, doubled each attempt")
+    backoff_max: float = Field(30, ge=0, description="openai: longest retry delay")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="openai: extra fields of every request")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM arguments")
 
-    @field_validator("columns", mode="before")
+    @field_validator("columns", "prompts", mode="before")
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _backend_keys(self):
+        fields = type(self).model_fields  # a dumped config sets every key: compare with the defaults
+        wrong = sorted(k for k in self.model_fields_set if k in BACKEND_KEYS and self.backend not in BACKEND_KEYS[k]
+                       and getattr(self, k) != fields[k].get_default(call_default_factory=True))
+        if wrong:
+            uses = "; ".join(f"{k}: {'/'.join(sorted(BACKEND_KEYS[k]))}" for k in wrong)
+            raise ValueError(f"captioner {self.name!r} (backend {self.backend}) does not use {wrong} ({uses})")
+        if self.backend != "source" and not self.model:
+            raise ValueError(f"captioner {self.name!r}: backend {self.backend} needs `model`")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError(f"captioner {self.name!r}: backend openai needs `base_url` (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend != "source" and len(set(self.prompts)) != len(self.prompts):
+            raise ValueError(f"captioner {self.name!r}: prompts listed twice in {self.prompts}")
+        if self.backend == "vllm" and "gpus" not in self.model_fields_set:
+            self.__dict__["gpus"] = float(self.tensor_parallel_size)
+        return self
 
 
 Action = Literal["keep", "strip", "exclude"]
@@ -221,9 +297,16 @@ class Config(Strict):
     input: InputSection
     download: DownloadSection = Field(default_factory=DownloadSection)
     captioners: list[CaptionerSection] = Field(default_factory=lambda: [CaptionerSection(name="source", backend="source")])
+    prompts: dict[str, PromptSection] = Field(default_factory=dict, validate_default=True,
+                                             description="named prompts (built in: long, short)")
     sentences: SentencesSection = Field(default_factory=SentencesSection)
     export: ExportSection = Field(default_factory=ExportSection)
     train: Optional[TrainSection] = Field(None, description="train after export (longcap run) when set")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _default_prompts(cls, v):
+        return {**DEFAULT_PROMPTS, **(v or {})}
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -238,6 +321,9 @@ class Config(Strict):
         if dupes:
             raise ValueError(f"captioners: duplicate names {dupes}")
         for c in self.captioners:
+            unknown = [p for p in c.prompts if p not in self.prompts] if c.backend != "source" else []
+            if unknown:
+                raise ValueError(f"captioners[{c.name}].prompts {unknown} are not defined; prompts are {sorted(self.prompts)}")
             missing = [col for col in c.columns if col not in self.input.caption_cols]
             if c.backend == "source" and missing and self.input.synthetic is None:
                 raise ValueError(
@@ -362,6 +448,11 @@ def check_files(cfg: Config) -> None:
         fs, p = fsspec.core.url_to_fs(url)
         if not fs.exists(p):
             missing.append(f"input.urls[{i}]: file not found: {url}")
+    if cfg.input.images_from:
+        plan = cfg.input.images_from.rstrip("/") + "/images/_shards/plan.json"
+        fs, p = fsspec.core.url_to_fs(plan)
+        if not fs.exists(p):
+            missing.append(f"input.images_from: {cfg.input.images_from} is not a started run (no images/_shards/plan.json)")
     if cfg.input.serve_dir and not Path(cfg.input.serve_dir).is_dir():
         missing.append(f"input.serve_dir: folder not found: {cfg.input.serve_dir}")
     if missing:

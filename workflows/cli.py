@@ -49,7 +49,7 @@ def cmd_run(args) -> int:
     do_train = cfg.train is not None and (stages is None or "train" in stages)
     stages = [s for s in stages if s != "train"] if stages else None
     shards = [int(s) for s in _split_csv(args.shards)] if args.shards else None
-    run = RunDir(cfg.run.dir)
+    run = RunDir(cfg.run.dir, cfg.input.images_from)
     changed = run.check_config(cfg, force=args.force)
     if changed:
         print("config changed (--force):\n  " + "\n  ".join(changed), file=sys.stderr)

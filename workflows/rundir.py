@@ -20,21 +20,36 @@ STAGE_DIRS = {"download": "images", "captions": "captions", "sentences": "senten
 
 
 class RunDir:
-    def __init__(self, root: str):
+    def __init__(self, root: str, images_from: str | None = None):
         root = str(root).rstrip("/")
         self.fs, self._path = fsspec.core.url_to_fs(root)
         self.root = self._path if "file" in self.fs.protocol else root  # local: absolute, for every worker
+        self._images_from = images_from
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    @property
+    def images_from(self) -> str | None:
+        """The earlier run whose images/ this run reads (input.images_from), from the config or run.yaml."""
+        if self._images_from is None and exists(self.path("run.yaml")):
+            self._images_from = ((self.load_snapshot() or {}).get("input") or {}).get("images_from") or ""
+        return self._images_from or None
+
+    def images(self, *parts: str) -> str:
+        """A path in images/: this run's own, or the earlier run's with input.images_from."""
+        src = self.images_from
+        return RunDir(src).path("images", *parts) if src else self.path("images", *parts)
+
     # ---------------------------------------------------------------- files
 
     def output(self, stage: str, shard: int) -> str:
+        if stage == "download":
+            return self.images(f"{shard_name(shard)}.parquet")
         return self.path(STAGE_DIRS[stage], f"{shard_name(shard)}.parquet")
 
     def shard_input(self, shard: int) -> str:
-        return self.path("images", "_shards", f"{shard_name(shard)}.parquet")
+        return self.images("_shards", f"{shard_name(shard)}.parquet")
 
     def is_done(self, stage: str, shard: int) -> bool:
         return exists(self.output(stage, shard))
@@ -83,10 +98,12 @@ class RunDir:
 
     def plan(self, cfg: Config) -> list[int]:
         """Shard ids of the run. The first start splits the URL list into images/_shards/."""
-        plan_file = self.path("images", "_shards", "plan.json")
+        plan_file = self.images("_shards", "plan.json")
         if exists(plan_file):
             with fsspec.open(plan_file, "r") as f:
                 return list(range(json.load(f)["shards"]))
+        if self.images_from:
+            raise ConfigError(f"input.images_from: {self.images_from} is not a started run (no {plan_file})")
         urls = self.input_urls(cfg)
         table = read_url_lists(urls, cfg.input.format if cfg.input.synthetic is None else "parquet",
                                cfg.input.url_col if cfg.input.synthetic is None else "url",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import ray
 from tqdm import tqdm
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.download import shard_name
 from .rundir import RunDir
 from .serve import serve_folder
@@ -52,6 +52,11 @@ class _StageActor:
         return run_worker(self.worker, shard)
 
 
+def actor_gpus(stage: str, cfg: Config) -> float:
+    """GPUs one actor of a model stage reserves (its worker's num_gpus(cfg); 0 if it has none)."""
+    return getattr(WORKERS[stage], "num_gpus", lambda cfg: 0)(cfg)
+
+
 @dataclass
 class RunResult:
     failed: dict = field(default_factory=dict)  # (stage, shard) -> error
@@ -77,6 +82,8 @@ class Runner:
                  shards: list[int] | None = None, progress: bool = True):
         self.cfg, self.run = cfg, run
         self.stages = [s for s in ORDER if s in (stages or cfg.run.stages)]
+        if cfg.input.images_from:  # images come from an earlier run: never download into it
+            self.stages = [s for s in self.stages if s != "download"]
         self.only = set(shards) if shards is not None else None
         self.progress = progress and sys.stderr.isatty()
         self.manifest = run.load_manifest()
@@ -116,6 +123,8 @@ class Runner:
                 up = ORDER[ORDER.index(stage) - 1] if ORDER.index(stage) else None
                 if up is None or self.run.is_done(up, shard):
                     pending[stage].append(shard)
+                elif up == "download" and self.cfg.input.images_from:
+                    result.blocked[(stage, shard)] = f"input.images_from run {self.cfg.input.images_from} has no images for it"
                 elif up not in self.stages:
                     result.blocked[(stage, shard)] = f"needs {up} output first (run with --stages {up},{stage})"
                 break
@@ -130,6 +139,11 @@ class Runner:
 
     def _loop(self, shards, pending, base_url, result: RunResult) -> None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
+        for stage in self.stages:  # a local Ray cannot grow: an actor it cannot place would wait forever
+            need, have = actor_gpus(stage, self.cfg), ray.cluster_resources().get("GPU", 0)
+            if need > have and self.cfg.ray.address is None and not all(self.run.is_done(stage, s) for s in shards):
+                raise ConfigError(f"{stage}: an actor needs {need:g} GPU(s) (captioners[].gpus) but the Ray "
+                                  f"cluster has {have:g}; set gpus: 0 to run on CPU")
         task_limit = self.cfg.ray.download_tasks or max(1, cpus)
         bars = {s: tqdm(total=len(shards), desc=f"{s:>9}", unit="shard", position=i, leave=True,
                         disable=not self.progress, initial=sum(self.run.is_done(s, x) for x in shards))
@@ -140,7 +154,7 @@ class Runner:
         attempts = collections.Counter()
         actors = {s: [] for s in self.stages}  # idle actors
         live_actors = collections.Counter()
-        max_actors = 1
+        max_actors = {"captions": self.cfg.ray.captions_actors}
         retries = self.cfg.ray.shard_retries
         try:
             while any(pending.values()) or inflight:
@@ -154,8 +168,9 @@ class Runner:
                             ref = _shard_task.options(num_cpus=1).remote(stage, self.cfg, self.run.root, base_url, shard)
                             actor = None
                         else:
-                            if not actors[stage] and live_actors[stage] < max_actors:
-                                actors[stage].append(_StageActor.options(num_cpus=1).remote(
+                            if not actors[stage] and live_actors[stage] < max_actors.get(stage, 1):
+                                gpus = actor_gpus(stage, self.cfg)
+                                actors[stage].append(_StageActor.options(num_cpus=1, num_gpus=gpus).remote(
                                     stage, self.cfg, self.run.root, base_url))
                                 live_actors[stage] += 1
                             if not actors[stage]:
@@ -165,6 +180,14 @@ class Runner:
                         q.popleft()
                         started.setdefault(stage, time.time())
                         inflight[ref] = (stage, shard, actor)
+                for stage in self.stages:  # a model stage that gets no more shards gives its CPUs/GPUs back
+                    earlier = self.stages[:self.stages.index(stage)]
+                    if actors[stage] and not pending[stage] and not any(
+                            pending[s] or s in {v[0] for v in inflight.values()} for s in earlier):
+                        for a in actors[stage]:
+                            ray.kill(a, no_restart=True)
+                        live_actors[stage] -= len(actors[stage])
+                        actors[stage].clear()
                 if not inflight:
                     break
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)

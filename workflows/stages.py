@@ -39,12 +39,18 @@ class CaptionsWorker:
     kind = "actor"
 
     def __init__(self, cfg: Config, root: str, base_url: str | None = None):
-        self.cfg, self.run_dir = cfg, RunDir(root)
-        self.captioners = [build_captioner(c, cfg.caption_columns()) for c in cfg.captioners]
+        self.cfg, self.run_dir = cfg, RunDir(root, cfg.input.images_from)
+        self.captioners = [build_captioner(c, cfg.caption_columns(), cfg.prompts, cfg.sentences.quality, cfg.run.seed,
+                                           cfg.download.max_image_area) for c in cfg.captioners]
+
+    @staticmethod
+    def num_gpus(cfg: Config) -> float:
+        return max([c.gpus for c in cfg.captioners], default=0)
 
     def run(self, shard: int) -> dict:
-        images = read_images_meta(self.run_dir.path("images"), shard)
-        out = pa.concat_tables([c.caption_shard(images) for c in self.captioners]).cast(CAPTIONS)
+        images = read_images_meta(self.run_dir.images(), shard)
+        tar = self.run_dir.images(f"{shard_name(shard)}.tar")
+        out = pa.concat_tables([c.caption_shard(images, tar) for c in self.captioners]).cast(CAPTIONS)
         atomic_write_table(self.run_dir.output("captions", shard), out)
         return summarize(out)
 
@@ -53,7 +59,7 @@ class SentencesWorker:
     kind = "task"
 
     def __init__(self, cfg: Config, root: str, base_url: str | None = None):
-        self.run_dir = RunDir(root)
+        self.run_dir = RunDir(root, cfg.input.images_from)
         self.splitter = SentenceSplitter(cfg.sentences)
 
     def run(self, shard: int) -> dict:
@@ -69,12 +75,12 @@ class ExportWorker:
     kind = "task"
 
     def __init__(self, cfg: Config, root: str, base_url: str | None = None):
-        self.cfg, self.run_dir = cfg, RunDir(root)
+        self.cfg, self.run_dir = cfg, RunDir(root, cfg.input.images_from)
 
     def run(self, shard: int) -> dict:
         name = shard_name(shard)
-        index, summary = export_shard(name, read_images_meta(self.run_dir.path("images"), shard),
-                                      self.run_dir.path("images", f"{name}.tar"),
+        index, summary = export_shard(name, read_images_meta(self.run_dir.images(), shard),
+                                      self.run_dir.images(f"{name}.tar"),
                                       read_table(self.run_dir.output("sentences", shard)),
                                       self.run_dir.path("export"), self.cfg.export, self.cfg.extra_columns())
         atomic_write_table(self.run_dir.output("export", shard), index)

@@ -16,7 +16,7 @@ from .stages import ORDER
 
 
 def run_status(run: RunDir) -> dict:
-    plan_file = run.path("images", "_shards", "plan.json")
+    plan_file = run.images("_shards", "plan.json")
     if not exists(plan_file):
         raise FileNotFoundError(f"{run.root} is not a started run (no images/_shards/plan.json)")
     manifest = run.load_manifest()
@@ -63,7 +63,7 @@ def _url_outcomes(run: RunDir, shard: int, entry: dict) -> Counter:
 
 
 def _download_reasons(run: RunDir, shard: int) -> Counter:
-    meta = read_images_meta(run.path("images"), shard, columns=["status", "error_message"])
+    meta = read_images_meta(run.images(), shard, columns=["status", "error_message"])
     return Counter(download_reason(s, e) for s, e in zip(meta["status"].to_pylist(), meta["error_message"].to_pylist()))
 
 

@@ -1,0 +1,94 @@
+"""Shared by the captioner tests: the tiny VLM, a hand-made image shard, a `transformers serve` process."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    from pipeline.tiny_vlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm") / "model")
+
+
+def jpeg(color, size=(48, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_shard(folder: Path, images: dict[str, bytes | None], failed: dict[str, str] = ()) -> tuple[pa.Table, str]:
+    """An img2dataset-like shard: meta table (key, status, error_message) and a tar of <key>.jpg."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tar_path = folder / "00000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for key, data in images.items():
+            if data is not None:
+                info = tarfile.TarInfo(f"{key}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    rows = [{"key": k, "status": "success", "error_message": None} for k in images]
+    rows += [{"key": k, "status": "failed_to_download", "error_message": e} for k, e in dict(failed).items()]
+    rows.sort(key=lambda r: r["key"])
+    return pa.Table.from_pylist(rows), str(tar_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serve:
+    """A real `transformers serve` process on 127.0.0.1 with the model preloaded."""
+
+    def __init__(self, model: Path, port: int | None = None, log: Path | None = None):
+        self.model, self.port = str(model), port or free_port()
+        self.log = log
+        self.proc = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout: float = 120) -> "Serve":
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", self.model,
+                                      "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"],
+                                     stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {self.proc.returncode} (log: {self.log})")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"transformers serve did not answer on port {self.port} within {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the server and nothing else
+            self.proc.wait(timeout=30)
+        self.proc = None
