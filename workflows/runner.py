@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.download import shard_name
 from .rundir import RunDir
 from .serve import serve_folder
-from .stages import ORDER, WORKERS, run_worker, write_export_index
+from .stages import ORDER, WORKERS, prepare, run_worker, upstream, write_export_index
 
 log = logging.getLogger("longcap")
 
@@ -97,8 +97,7 @@ class Runner:
         self.run.save_manifest(self.manifest)
 
     def _next_stage(self, stage: str) -> str | None:
-        i = self.stages.index(stage)
-        return self.stages[i + 1] if i + 1 < len(self.stages) else None
+        return next((s for s in self.stages if upstream(s, self.cfg) == stage), None)
 
     # ---------------------------------------------------------------- main loop
 
@@ -113,12 +112,14 @@ class Runner:
             for stage in self.stages:
                 if self.run.is_done(stage, shard):
                     continue
-                up = ORDER[ORDER.index(stage) - 1] if ORDER.index(stage) else None
+                up = upstream(stage, self.cfg)
                 if up is None or self.run.is_done(up, shard):
                     pending[stage].append(shard)
                 elif up not in self.stages:
                     result.blocked[(stage, shard)] = f"needs {up} output first (run with --stages {up},{stage})"
                 break
+        if "regions" in self.stages and any(not self.run.is_done("regions", s) for s in shards):
+            self._prepare(shards, pending, result)
         need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
         with (serve_folder(self.run.serve_dir(self.cfg)) if need_server else contextlib.nullcontext()) as base:
             self._loop(shards, pending, base, result)
@@ -127,6 +128,34 @@ class Runner:
             if n is not None:
                 log.info("export/index.parquet: %d exported keys", n)
         return result
+
+    def _release_idle(self, actors, live_actors, pending, inflight) -> None:
+        """Kill the idle actors of a stage that can get no more work, so their CPUs go to later stages."""
+        busy = {v[0] for v in inflight.values()} | {s for s, q in pending.items() if q}
+        for i, stage in enumerate(self.stages):
+            if actors[stage] and not busy & set(self.stages[: i + 1]):
+                for a in actors[stage]:
+                    ray.kill(a, no_restart=True)
+                live_actors[stage] -= len(actors[stage])
+                actors[stage].clear()
+
+    def _prepare(self, shards, pending, result: RunResult) -> None:
+        """Train the synthetic detector if the config asks for one; if that fails, regions shards fail with it."""
+        try:
+            trained = prepare(self.cfg, self.run)
+        except Exception as e:  # noqa: BLE001 - recorded against the shards that needed it
+            err = f"detector training failed: {error_text(e)}"
+            log.error(err)
+            for shard in shards:
+                if not self.run.is_done("regions", shard):
+                    result.failed[("regions", shard)] = err
+                    self._record("regions", shard, {"status": "failed", "error": err, "attempts": 1})
+            pending["regions"].clear()
+            self.stages.remove("regions")
+            return
+        if trained:
+            how = "cached" if trained["cached"] else f"trained in {trained['seconds']} s"
+            print(f"detector mAP50 on synthetic validation: {trained['map50']:.3f} ({how})", flush=True)
 
     def _loop(self, shards, pending, base_url, result: RunResult) -> None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -155,7 +184,8 @@ class Runner:
                             actor = None
                         else:
                             if not actors[stage] and live_actors[stage] < max_actors:
-                                actors[stage].append(_StageActor.options(num_cpus=1).remote(
+                                opts = getattr(WORKERS[stage], "actor_options", lambda cfg: {"num_cpus": 1})(self.cfg)
+                                actors[stage].append(_StageActor.options(**opts).remote(
                                     stage, self.cfg, self.run.root, base_url))
                                 live_actors[stage] += 1
                             if not actors[stage]:
@@ -206,6 +236,7 @@ class Runner:
                     nxt = self._next_stage(stage)
                     if nxt and not self.run.is_done(nxt, shard):
                         pending[nxt].append(shard)
+                self._release_idle(actors, live_actors, pending, inflight)
         finally:
             for b in bars.values():
                 b.close()
