@@ -98,6 +98,14 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_eval_pairs(args) -> int:
+    from .evalpairs import evaluate, format_report
+
+    rep = evaluate(args.run, args.min_iou)
+    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longcap", description="long-caption datasets and hierarchical VLM training")
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) the pipeline")
     r.add_argument("config", help="config YAML, or a run directory to resume")
     r.add_argument("overrides", nargs="*", help="dotted.key=value")
-    r.add_argument("--stages", help="comma-separated subset of: download,captions,sentences,export")
+    r.add_argument("--stages", help="comma-separated subset of: download,captions,sentences,regions,export")
     r.add_argument("--shards", help="comma-separated shard ids, e.g. 00003,00007")
     r.add_argument("--force", action="store_true", help="continue a run whose config changed")
     r.add_argument("--no-progress", action="store_true")
@@ -137,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--url-col", default="url", help="generic: the URL column")
     m.add_argument("--caption-cols", help="generic: comma-separated caption columns")
     m.set_defaults(fn=cmd_import)
+    e = sub.add_parser("eval-pairs", help="synthetic runs: detector mAP50 and local-pair precision/recall vs truth")
+    e.add_argument("run")
+    e.add_argument("--min-iou", type=float, default=0.5, help="IoU with the truth box for a pair to be right")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval_pairs)
     return p
 
 
