@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = [["download_bench.py"], ["sentences_bench.py"], ["loader_bench.py"]]
+BENCHES = [["download_bench.py"], ["sentences_bench.py"], ["loader_bench.py"], ["regions_bench.py"]]
 
 if __name__ == "__main__":
     rc = 0
