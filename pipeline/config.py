@@ -160,7 +160,8 @@ class DetectorTrainSection(Strict):
     train_images: int = Field(240, ge=4)
     val_images: int = Field(60, ge=2)
     image_size: int = Field(256, ge=64, le=2048, description="size of the rendered synthetic scenes")
-    epochs: int = Field(12, ge=1)
+    imgsz: int = Field(192, ge=32, le=2048, description="YOLO input size in training and validation")
+    epochs: int = Field(18, ge=1)
     batch: int = Field(16, ge=1)
     seed: int = 0
 

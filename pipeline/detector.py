@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -120,11 +121,15 @@ def train_detector(models_dir: str | Path, cfg, device: str = "cpu") -> dict:
     shutil.rmtree(work, ignore_errors=True)
     data = write_detection_split(work / "data", cfg.train_images, cfg.val_images, cfg.image_size, cfg.seed)
     model = _yolo(cfg.model)
-    model.train(data=str(data), epochs=cfg.epochs, imgsz=cfg.image_size, batch=cfg.batch, device=device,
-                workers=0, amp=False, plots=False, val=True, seed=cfg.seed, deterministic=True,
-                project=str(work), name="train", exist_ok=True, verbose=False, mosaic=1.0, close_mosaic=2)
+    with warnings.catch_warnings():  # ultralytics' Ray Tune callback warns outside a Tune session
+        warnings.simplefilter("ignore", UserWarning)
+        # a small-data recipe: AdamW at a fixed rate, short warm-up, no mosaic for the last epochs
+        model.train(data=str(data), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, device=device,
+                    workers=0, amp=False, plots=False, val=True, seed=cfg.seed, deterministic=True,
+                    project=str(work), name="train", exist_ok=True, verbose=False, optimizer="AdamW",
+                    lr0=0.002, warmup_epochs=1, close_mosaic=min(3, cfg.epochs - 1))
     best = work / "train" / "weights" / "best.pt"
-    map50 = detection_map50(str(best), data, cfg.image_size, device)
+    map50 = detection_map50(str(best), data, cfg.imgsz, device)
     tmp = root / f"weights.pt.tmp-{os.getpid()}"
     shutil.copyfile(best, tmp)
     os.replace(tmp, weights)

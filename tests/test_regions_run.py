@@ -13,7 +13,8 @@ from workflows.cli import main
 from conftest import demo_config
 
 REGIONS = {
-    "detector": {"train": {"train_images": 8, "val_images": 4, "image_size": 64, "epochs": 1, "batch": 8},
+    "detector": {"train": {"train_images": 8, "val_images": 4, "image_size": 64, "imgsz": 64, "epochs": 1,
+                          "batch": 8},
                  "imgsz": 64, "conf": 0.01},
     "division": ["whole", "quadrants"],
     "scorer": {"model": "ViT-S-32", "image_size": 32},

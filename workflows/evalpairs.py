@@ -75,7 +75,7 @@ def detector_map50(run: RunDir, cfg) -> dict:
         return {"map50": None, "why": "no synthetic validation split (the detector was not trained by this run)"}
     from .stages import detector_weights
 
-    imgsz = det.train.image_size if det.train else det.imgsz
+    imgsz = det.train.imgsz if det.train else det.imgsz
     return {"map50": detection_map50(detector_weights(cfg, run), data, imgsz), "data": data}
 
 
