@@ -312,3 +312,15 @@ def test_pair_metrics_on_hand_made_cases():
     assert pair_metrics([]) == {"sentences": 0, "pairs": 0, "right": 0, "precision": None, "recall": None,
                                 "coverage": None}
     assert pair_metrics(items, min_iou=0.9)["right"] == 1
+
+
+def test_cli_refuses_regions_stage_without_a_section(tmp_path, capsys):
+    import yaml
+
+    from workflows.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"dir": str(tmp_path / "run")}, "input": {"synthetic": {}}}))
+    assert main(["run", str(cfg), "--stages", "regions"]) == 2
+    assert "--stages regions: the config has no regions section" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

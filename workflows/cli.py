@@ -46,6 +46,8 @@ def cmd_run(args) -> int:
     bad = [s for s in stages or [] if s not in ORDER]
     if bad:
         raise ConfigError(f"--stages: unknown stage(s) {bad}; allowed: {', '.join(ORDER)}")
+    if "regions" in (stages or []) and cfg.regions is None:
+        raise ConfigError("--stages regions: the config has no regions section")
     shards = [int(s) for s in _split_csv(args.shards)] if args.shards else None
     run = RunDir(cfg.run.dir)
     changed = run.check_config(cfg, force=args.force)

@@ -118,10 +118,11 @@ def prepare(cfg: Config, run_dir: RunDir) -> dict | None:
     if det is None or det.train is None:
         return None
     from pipeline.detector import train_detector
+    from pipeline.scorers import resolve_device
 
     if not run_dir.is_local:
         raise ConfigError("regions.detector.train needs a local run.dir")
-    return train_detector(run_dir.path("models"), det.train)
+    return train_detector(run_dir.path("models"), det.train, resolve_device(cfg.regions.device))
 
 
 class ExportWorker:
@@ -171,7 +172,7 @@ ORDER = ("download", "captions", "sentences", "regions", "export")
 def upstream(stage: str, cfg: Config) -> str | None:
     """The stage whose output `stage` reads; regions sits between sentences and export only when configured."""
     order = [s for s in ORDER if s != "regions" or cfg.regions is not None]
-    i = order.index(stage) if stage in order else ORDER.index(stage)
+    i = order.index(stage)
     return order[i - 1] if i else None
 
 
