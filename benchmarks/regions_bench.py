@@ -88,14 +88,19 @@ def main() -> None:
             t0 = time.perf_counter()
             pairer.pair_shard(meta, tar, sents)
             best["stage"] = max(best["stage"], len(images) / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
+            t = [time.perf_counter()]
             for i in range(0, len(arrays), cfg.detector.batch):
                 detector.predict(arrays[i:i + cfg.detector.batch])
+            t.append(time.perf_counter())
             scorer.encode_images(crops)
+            t.append(time.perf_counter())
             scorer.encode_texts(texts)
-            best["raw"] = max(best["raw"], len(images) / (time.perf_counter() - t0))
+            t.append(time.perf_counter())
+            best["raw"] = max(best["raw"], len(images) / (t[-1] - t[0]))
             print(json.dumps({"repeat": rep, "stage_images_per_s": round(best["stage"], 2),
-                              "raw_images_per_s": round(best["raw"], 2)}), flush=True)
+                              "raw_images_per_s": round(best["raw"], 2),
+                              "raw_s": {"yolo": round(t[1] - t[0], 2), "crops": round(t[2] - t[1], 2),
+                                        "texts": round(t[3] - t[2], 2)}}), flush=True)
     n_det = sum(g["source"].startswith("det:") for r in out.to_pylist() for g in r["regions"])
     print(json.dumps({"summary": True, "images": len(images), "crops": len(crops), "detections": n_det,
                       "sentences_unique": len(texts), "threads": args.threads, "weights": args.weights,

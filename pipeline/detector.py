@@ -144,6 +144,9 @@ def train_detector(models_dir: str | Path, cfg, device: str = "cpu") -> dict:
 
 def detection_map50(weights: str, data: str | Path, imgsz: int, device: str = "cpu") -> float:
     """mAP at IoU 0.5 of `weights` on the val split of a YOLO dataset."""
-    metrics = _yolo(weights).val(data=str(data), imgsz=imgsz, batch=16, device=device, plots=False,
-                                 verbose=False, workers=0, split="val")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # ultralytics writes a run folder even without plots
+        metrics = _yolo(weights).val(data=str(data), imgsz=imgsz, batch=16, device=device, plots=False,
+                                     verbose=False, workers=0, split="val", project=tmp, name="val")
     return round(float(metrics.box.map50), 4)

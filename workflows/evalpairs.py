@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from torchvision.ops import box_iou
 
-from pipeline.download import read_images_meta, shard_name
+from pipeline.download import read_images_meta
 from pipeline.storage import atomic_write_json, exists, read_table
 from .rundir import RunDir
 
