@@ -15,6 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
+os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # ultralytics would pip-install missing extras at run time
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
@@ -27,7 +28,17 @@ CLASSES = list(synthetic.SHAPES)  # the synthetic detector's classes
 def _yolo(weights: str):
     from ultralytics import YOLO
 
+    _restore_pil_open()
     return YOLO(weights, task="detect")
+
+
+def _restore_pil_open() -> None:
+    """Undo ultralytics' patch of PIL.Image.open (on an unknown file it tries to install pi-heif and raises
+    ModuleNotFoundError instead of UnidentifiedImageError, which would turn a bad image into a failed shard)."""
+    from PIL import Image
+    from ultralytics.utils import patches
+
+    Image.open = getattr(patches, "_image_open", Image.open)
 
 
 class Detector:

@@ -34,15 +34,17 @@ def resolve_device(device: str) -> str:
 class OpenClipScorer:
     """An open_clip model: a built-in name plus a pretrained tag, a checkpoint file (loaded without pickle), or none."""
 
-    def __init__(self, cfg, device: str = "auto"):
+    def __init__(self, cfg, device: str = "auto", seed: int = 0):
         import open_clip
         import torch
 
         self.device = resolve_device(device)
         try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                cfg.model, pretrained=cfg.pretrained, device=self.device, force_image_size=cfg.image_size,
-                weights_only=True)
+            with torch.random.fork_rng(devices=[]):  # random init (pretrained: None) is the same on every run
+                torch.manual_seed(seed)
+                self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                    cfg.model, pretrained=cfg.pretrained, device=self.device, force_image_size=cfg.image_size,
+                    weights_only=True)
         except RuntimeError as e:
             raise ValueError(f"regions.scorer: cannot build open_clip model {cfg.model!r} "
                              f"(pretrained={cfg.pretrained!r}): {e}") from None
@@ -75,5 +77,6 @@ class OpenClipScorer:
 SCORERS = {"open_clip": OpenClipScorer}
 
 
-def build_scorer(cfg, device: str = "auto") -> Scorer:
-    return SCORERS[cfg.backend](cfg, device)
+def build_scorer(cfg, device: str = "auto", seed: int = 0) -> Scorer:
+    """The configured scorer; `seed` fixes any random initialisation."""
+    return SCORERS[cfg.backend](cfg, device, seed)

@@ -268,6 +268,10 @@ def test_yolo_with_no_detections_still_gives_division_regions(tmp_path):
     r = out.to_pylist()[0]
     assert r["status"] == "ok" and [g["source"] for g in r["regions"]] == [
         "grid:whole:0", "grid:quadrants:0", "grid:quadrants:1", "grid:quadrants:2", "grid:quadrants:3"]
+    # importing ultralytics patches PIL.Image.open; a non-image must still be a per-key failure, not a crash
+    meta, tar, st = shard_inputs(tmp_path, {"001": b"<html>no</html>"}, {"001": ["A red square."]})
+    bad = RegionPairer(regions_cfg(), ColourScorer(), detector).pair_shard(meta, tar, st).to_pylist()[0]
+    assert bad["status"] == "failed" and bad["error"] == "not an image: cannot identify image file"
     with pytest.raises(ValueError, match=r"classes \['zebra crossing'\] are not classes of 'yolo11n.yaml'"):
         Detector(DetectorSection(weights="yolo11n.yaml", classes=["zebra crossing"]), "yolo11n.yaml", "cpu")
     with pytest.raises(ValueError, match="cannot load weights"):
@@ -324,3 +328,16 @@ def test_cli_refuses_regions_stage_without_a_section(tmp_path, capsys):
     assert main(["run", str(cfg), "--stages", "regions"]) == 2
     assert "--stages regions: the config has no regions section" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_random_init_scorer_is_seeded():
+    from pipeline.config import ScorerSection
+    from pipeline.scorers import build_scorer
+
+    cfg = ScorerSection(model="ViT-S-32", image_size=32)
+    ims, texts = [two_colour_image(), Image.new("RGB", (40, 20), (0, 200, 0))], ["A red square.", "Green."]
+    a, b, c = build_scorer(cfg, "cpu", 0), build_scorer(cfg, "cpu", 0), build_scorer(cfg, "cpu", 1)
+    ea, eb, ec = a.encode_images(ims), b.encode_images(ims), c.encode_images(ims)
+    assert ea.shape == (2, 384) and np.allclose(np.linalg.norm(ea, axis=1), 1, atol=1e-5)
+    assert np.array_equal(ea, eb) and not np.allclose(ea, ec)
+    assert np.array_equal(a.encode_texts(texts), b.encode_texts(texts))

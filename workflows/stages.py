@@ -81,7 +81,8 @@ class RegionsWorker:
             from pipeline.detector import Detector
 
             detector = Detector(rc.detector, detector_weights(cfg, self.run_dir), device)
-        self.pairer = RegionPairer(rc, build_scorer(rc.scorer, device), detector, cfg.download.max_image_area)
+        self.pairer = RegionPairer(rc, build_scorer(rc.scorer, device, cfg.run.seed), detector,
+                                   cfg.download.max_image_area)
 
     @staticmethod
     def actor_options(cfg: Config) -> dict:
