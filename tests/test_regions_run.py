@@ -107,3 +107,18 @@ def test_eval_pairs_and_resume(run_dir, capsys):
     out = capsys.readouterr().out
     assert "detector mAP50 on synthetic validation" in out and "(cached)" in out
     assert {f: open(f, "rb").read() for f in glob.glob(str(run_dir / "regions" / "*"))} == before
+
+
+@pytest.mark.slow
+def test_failed_detector_training_fails_the_regions_shards_not_the_run(ray_session, tmp_path, capsys):
+    regions = {**REGIONS, "detector": {"train": {**REGIONS["detector"]["train"], "model": "no-such-model.yaml"}}}
+    run_dir = tmp_path / "run"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(demo_config(run_dir, regions=regions,
+                                                                  **{"run.shard_size": 6})))
+    assert main(["run", str(tmp_path / "cfg.yaml"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED regions shard 00000: detector training failed" in err and "no-such-model.yaml" in err
+    assert len(rows(run_dir, "sentences")) == 12  # the stages before it finished
+    assert not list(run_dir.glob("regions/*.parquet")) and not list(run_dir.glob("export/*.parquet"))
+    entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["regions"]["shards"]["00001"]
+    assert entry["status"] == "failed" and "detector training failed" in entry["error"]
