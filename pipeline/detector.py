@@ -28,16 +28,21 @@ CLASSES = list(synthetic.SHAPES)  # the synthetic detector's classes
 def _yolo(weights: str):
     from ultralytics import YOLO
 
-    _restore_pil_open()
+    _stay_offline()
     return YOLO(weights, task="detect")
 
 
-def _restore_pil_open() -> None:
-    """Undo ultralytics' patch of PIL.Image.open (on an unknown file it tries to install pi-heif and raises
-    ModuleNotFoundError instead of UnidentifiedImageError, which would turn a bad image into a failed shard)."""
+def _stay_offline() -> None:
+    """Two ultralytics habits that reach out or change global state, undone.
+
+    Its dataset check fetches Arial.ttf for plots (plots are off here), and it patches PIL.Image.open so
+    that an unknown file triggers a pi-heif install and raises ModuleNotFoundError instead of
+    UnidentifiedImageError (which would turn one bad image into a failed shard)."""
     from PIL import Image
+    from ultralytics.data import utils as data_utils
     from ultralytics.utils import patches
 
+    data_utils.check_font = lambda *args, **kwargs: None
     Image.open = getattr(patches, "_image_open", Image.open)
 
 
