@@ -16,7 +16,8 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("download", "captions", "sentences", "export")
+STAGES = ("download", "captions", "sentences", "regions", "export")
+DEFAULT_STAGES = ("download", "captions", "sentences", "export")  # + regions when a regions section is set
 
 
 class ConfigError(ValueError):
@@ -31,7 +32,7 @@ class RunSection(Strict):
     dir: str = Field(description="run directory: a local path or any fsspec URL")
     seed: int = 0
     shard_size: int = Field(1000, ge=1, le=1_000_000, description="input rows per shard")
-    stages: list[Literal[STAGES]] = list(STAGES)  # type: ignore[valid-type]
+    stages: list[Literal[STAGES]] = list(DEFAULT_STAGES)  # type: ignore[valid-type]
 
 
 class RaySection(Strict):
@@ -291,6 +292,69 @@ class TrainSection(Strict):
         return self
 
 
+class DetectorTrainSection(Strict):
+    """Train a small YOLO from a model yaml (random init) on synthetic scenes; cached in <run>/models/detector."""
+    model: str = Field("yolo11n.yaml", description="ultralytics model yaml (random init)")
+    train_images: int = Field(240, ge=4)
+    val_images: int = Field(60, ge=2)
+    image_size: int = Field(256, ge=64, le=2048, description="size of the rendered synthetic scenes")
+    imgsz: int = Field(192, ge=32, le=2048, description="YOLO input size in training and validation")
+    epochs: int = Field(18, ge=1)
+    batch: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class DetectorSection(Strict):
+    weights: Optional[str] = Field(None, description="ultralytics weights: a path or a name (.pt files are pickles: only trusted ones)")
+    train: Optional[DetectorTrainSection] = Field(None, description="train a detector on the synthetic world instead")
+    classes: list[str] = Field(default_factory=list, description="keep only these class names (default: all)")
+    conf: float = Field(0.25, ge=0, le=1)
+    iou: float = Field(0.7, ge=0, le=1, description="NMS IoU threshold")
+    imgsz: int = Field(640, ge=32)
+    max_det: int = Field(50, ge=1)
+    batch: int = Field(16, ge=1, description="images per predict call")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.weights is None) == (self.train is None):
+            raise ValueError("set exactly one of regions.detector.weights and regions.detector.train")
+        return self
+
+
+class ScorerSection(Strict):
+    backend: Literal["open_clip"] = "open_clip"
+    model: str = Field("ViT-B-32", description="open_clip model name")
+    pretrained: Optional[str] = Field(None, description="open_clip pretrained tag or checkpoint file; None: random init")
+    image_size: Optional[int] = Field(None, ge=16, description="force the vision tower's input size")
+    batch_size: int = Field(64, ge=1)
+
+
+Division = Literal["whole", "halves", "quadrants", "3x3"]
+
+
+class RegionsSection(Strict):
+    detector: Optional[DetectorSection] = Field(None, description="None: spatial division only")
+    division: list[Division] = Field(default_factory=lambda: ["whole", "halves", "quadrants"])
+    min_area: float = Field(0.01, ge=0, le=1, description="detector boxes below this image fraction are dropped")
+    max_area: float = Field(0.8, ge=0, le=1, description="detector boxes above this image fraction are dropped")
+    dedup_iou: float = Field(0.9, gt=0, le=1, description="a region this close to an earlier one is dropped")
+    scorer: ScorerSection = Field(default_factory=ScorerSection)
+    threshold: float = Field(0.2, description="a sentence's best region is kept at or above this score")
+    margin: float = Field(0.0, ge=0, description="... and when it beats the runner-up by more than this")
+    top_k: int = Field(3, ge=1, description="scores kept per sentence for analysis")
+    max_side: int = Field(1024, ge=16, description="larger images are downscaled before detection and cropping")
+    min_side: int = Field(16, ge=1, description="smaller images get status failed")
+    goal_json: bool = Field(False, description="also write regions/<shard>.goal.json (GOAL's format)")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'")
+    num_gpus: float = Field(0, ge=0, description="GPUs per regions actor")
+
+    @model_validator(mode="after")
+    def _areas(self):
+        if self.min_area >= self.max_area:
+            raise ValueError(f"regions.min_area {self.min_area} must be below max_area {self.max_area}")
+        return self
+
+
 class Config(Strict):
     run: RunSection
     ray: RaySection = Field(default_factory=RaySection)
@@ -302,6 +366,7 @@ class Config(Strict):
     sentences: SentencesSection = Field(default_factory=SentencesSection)
     export: ExportSection = Field(default_factory=ExportSection)
     train: Optional[TrainSection] = Field(None, description="train after export (longcap run) when set")
+    regions: Optional[RegionsSection] = Field(None, description="regions and local pairs (stage 'regions')")
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -316,6 +381,10 @@ class Config(Strict):
                        for n in self.download.allow_networks):
                 raise ValueError("input.synthetic / input.serve_dir serve images from 127.0.0.1, which is blocked "
                                  "by default: opt in with download.allow_networks: [127.0.0.1/32]")
+        if self.regions is not None and "stages" not in self.run.model_fields_set and "regions" not in self.run.stages:
+            self.run.stages = [s for s in STAGES if s in self.run.stages or s == "regions"]
+        if self.regions is None and "regions" in self.run.stages:
+            raise ValueError("run.stages has 'regions' but there is no regions section")
         names = [c.name for c in self.captioners]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -455,6 +524,12 @@ def check_files(cfg: Config) -> None:
             missing.append(f"input.images_from: {cfg.input.images_from} is not a started run (no images/_shards/plan.json)")
     if cfg.input.serve_dir and not Path(cfg.input.serve_dir).is_dir():
         missing.append(f"input.serve_dir: folder not found: {cfg.input.serve_dir}")
+    if cfg.regions is not None:
+        paths = {"regions.scorer.pretrained": cfg.regions.scorer.pretrained,
+                 "regions.detector.weights": cfg.regions.detector and cfg.regions.detector.weights}
+        for key, value in paths.items():
+            if value and "/" in value and not Path(value).is_file():  # a path (names and tags have no '/')
+                missing.append(f"{key}: file not found: {value}")
     if missing:
         raise ConfigError("config refers to missing files:\n  " + "\n  ".join(missing))
 

@@ -96,12 +96,14 @@ class TarParts:
 
 
 def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, sentences: pa.Table,
-                 out_dir: str, cfg, extra_cols: list[str] = ()) -> tuple[pa.Table, dict]:
+                 out_dir: str, cfg, regions: pa.Table | None = None,
+                 extra_cols: list[str] = ()) -> tuple[pa.Table, dict]:
     """Write the shard's export tars; returns its index (every key, exported or not) and a summary.
     `extra_cols`: input columns carried into each sample's JSON under "extra" (e.g. the synthetic split)."""
     extra_cols = [c for c in extra_cols if c in images_meta.column_names]
     extras = {r.pop("key"): r for r in images_meta.select(["key", *extra_cols]).to_pylist()}
     kept, dropped = captions_by_key(sentences, cfg.min_sentences)
+    local = regions_by_key(regions)
     meta = {r["key"]: r for r in images_meta.select(
         ["key", "url", "status", "error_message", "width", "height", "original_width", "original_height"]).to_pylist()}
     images = _Images(images_tar)
@@ -121,6 +123,8 @@ def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, senten
                     doc = {"key": key, "url": m["url"], "width": m["width"], "height": m["height"],
                            "original_width": m["original_width"], "original_height": m["original_height"],
                            "captions": kept[key], "extra": extras[key]}
+                    if key in local:
+                        doc["regions"] = local[key]
                     ext = "jpg" if "jpg" in files else next(e for e in files if e not in ("json", "txt"))
                     row["tar"] = parts.add(key, {"jpg" if ext == "jpg" else ext: files[ext],
                                                  "json": json.dumps(doc, ensure_ascii=False).encode()})
@@ -132,6 +136,21 @@ def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, senten
     n_ok = sum(r["exported"] for r in rows)
     return index, {"rows": len(rows), "ok": n_ok, "reasons": {k: v for k, v in reasons.items() if k != OK},
                    "tars": len(parts.written)}
+
+
+def regions_by_key(regions: pa.Table | None) -> dict:
+    """Per key with regions: {'boxes': [{box, source, score}], 'pairs': kept region-sentence pairs}."""
+    out = {}
+    if regions is None:
+        return out
+    for r in regions.select(["key", "regions", "matches"]).to_pylist():
+        if r["regions"] is None:
+            continue
+        pairs = [{"captioner": m["captioner"], "prompt_id": m["prompt_id"], "sentence_index": m["sentence_index"],
+                  "sentence": m["sentence"], "region": m["region"], "score": m["score"]}
+                 for m in r["matches"] or [] if m["kept"]]
+        out[r["key"]] = {"boxes": r["regions"], "pairs": pairs}
+    return out
 
 
 class _Images:

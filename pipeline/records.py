@@ -71,7 +71,39 @@ EXPORT_INDEX = pa.schema([
     pa.field("tar", pa.string()),  # export tar holding the sample
 ])
 
-SCHEMAS = {"captions": CAPTIONS, "sentences": SENTENCES, "export": EXPORT_INDEX}
+REGION = pa.struct([
+    pa.field("box", pa.list_(pa.float32(), 4)),  # normalised xyxy
+    pa.field("source", pa.string()),  # det:<class> or grid:<scheme>:<i>
+    pa.field("score", pa.float32()),  # detector confidence; null for grid regions
+])
+
+MATCH = pa.struct([  # one per sentence: its best region, whether the pair is kept, the top-k for analysis
+    pa.field("captioner", pa.string()),
+    pa.field("prompt_id", pa.string()),
+    pa.field("sentence_index", pa.int32()),
+    pa.field("sentence", pa.string()),
+    pa.field("region", pa.int32()),  # index into regions
+    pa.field("score", pa.float32()),
+    pa.field("margin", pa.float32()),  # best - runner-up (null with one region)
+    pa.field("kept", pa.bool_()),
+    pa.field("top_regions", pa.list_(pa.int32())),
+    pa.field("top_scores", pa.list_(pa.float32())),
+])
+
+REGIONS = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("width", pa.int32()),  # stored image size (boxes are fractions of it)
+    pa.field("height", pa.int32()),
+    pa.field("regions", pa.list_(REGION)),
+    pa.field("matches", pa.list_(MATCH)),
+    pa.field("n_regions", pa.int32()),
+    pa.field("n_sentences", pa.int32()),
+    pa.field("n_pairs", pa.int32()),  # kept matches
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+])
+
+SCHEMAS = {"captions": CAPTIONS, "sentences": SENTENCES, "regions": REGIONS, "export": EXPORT_INDEX}
 
 
 def empty_row(schema: pa.Schema, **values) -> dict:

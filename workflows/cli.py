@@ -46,6 +46,8 @@ def cmd_run(args) -> int:
     bad = [s for s in stages or [] if s not in (*ORDER, "train")]
     if bad:
         raise ConfigError(f"--stages: unknown stage(s) {bad}; allowed: {', '.join(ORDER)}, train")
+    if "regions" in (stages or []) and cfg.regions is None:
+        raise ConfigError("--stages regions: the config has no regions section")
     do_train = cfg.train is not None and (stages is None or "train" in stages)
     stages = [s for s in stages if s != "train"] if stages else None
     shards = [int(s) for s in _split_csv(args.shards)] if args.shards else None
@@ -115,6 +117,14 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_eval_pairs(args) -> int:
+    from .evalpairs import evaluate, format_report
+
+    rep = evaluate(args.run, args.min_iou)
+    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longcap", description="long-caption datasets and hierarchical VLM training")
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) the pipeline")
     r.add_argument("config", help="config YAML, or a run directory to resume")
     r.add_argument("overrides", nargs="*", help="dotted.key=value")
-    r.add_argument("--stages", help="comma-separated subset of: download,captions,sentences,export")
+    r.add_argument("--stages", help="comma-separated subset of: download,captions,sentences,regions,export")
     r.add_argument("--shards", help="comma-separated shard ids, e.g. 00003,00007")
     r.add_argument("--force", action="store_true", help="continue a run whose config changed")
     r.add_argument("--no-progress", action="store_true")
@@ -154,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--url-col", default="url", help="generic: the URL column")
     m.add_argument("--caption-cols", help="generic: comma-separated caption columns")
     m.set_defaults(fn=cmd_import)
+    e = sub.add_parser("eval-pairs", help="synthetic runs: detector mAP50 and local-pair precision/recall vs truth")
+    e.add_argument("run")
+    e.add_argument("--min-iou", type=float, default=0.5, help="IoU with the truth box for a pair to be right")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval_pairs)
 
     from .model_cli import add_commands
     add_commands(sub)

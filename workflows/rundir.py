@@ -16,7 +16,8 @@ from pipeline.download import plan_shards, shard_name
 from pipeline.sources import read_url_lists
 from pipeline.storage import atomic_write_bytes, atomic_write_json, atomic_write_table, exists, read_table, remove_stale_tmp
 
-STAGE_DIRS = {"download": "images", "captions": "captions", "sentences": "sentences", "export": "export"}
+STAGE_DIRS = {"download": "images", "captions": "captions", "sentences": "sentences", "regions": "regions",
+              "export": "export"}
 
 
 class RunDir:

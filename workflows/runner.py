@@ -22,7 +22,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.download import shard_name
 from .rundir import RunDir
 from .serve import serve_folder
-from .stages import ORDER, WORKERS, run_worker, write_export_index
+from .stages import ORDER, WORKERS, prepare, run_worker, upstream, write_export_index
 
 log = logging.getLogger("longcap")
 
@@ -104,8 +104,7 @@ class Runner:
         self.run.save_manifest(self.manifest)
 
     def _next_stage(self, stage: str) -> str | None:
-        i = self.stages.index(stage)
-        return self.stages[i + 1] if i + 1 < len(self.stages) else None
+        return next((s for s in self.stages if upstream(s, self.cfg) == stage), None)
 
     # ---------------------------------------------------------------- main loop
 
@@ -120,7 +119,7 @@ class Runner:
             for stage in self.stages:
                 if self.run.is_done(stage, shard):
                     continue
-                up = ORDER[ORDER.index(stage) - 1] if ORDER.index(stage) else None
+                up = upstream(stage, self.cfg)
                 if up is None or self.run.is_done(up, shard):
                     pending[stage].append(shard)
                 elif up == "download" and self.cfg.input.images_from:
@@ -128,6 +127,8 @@ class Runner:
                 elif up not in self.stages:
                     result.blocked[(stage, shard)] = f"needs {up} output first (run with --stages {up},{stage})"
                 break
+        if "regions" in self.stages and any(not self.run.is_done("regions", s) for s in shards):
+            self._prepare(shards, pending, result)
         need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
         with (serve_folder(self.run.serve_dir(self.cfg)) if need_server else contextlib.nullcontext()) as base:
             self._loop(shards, pending, base, result)
@@ -137,12 +138,30 @@ class Runner:
                 log.info("export/index.parquet: %d exported keys", n)
         return result
 
+    def _prepare(self, shards, pending, result: RunResult) -> None:
+        """Train the synthetic detector if the config asks for one; if that fails, regions shards fail with it."""
+        try:
+            trained = prepare(self.cfg, self.run)
+        except Exception as e:  # noqa: BLE001 - recorded against the shards that needed it
+            err = f"detector training failed: {error_text(e)}"
+            log.error(err)
+            for shard in shards:
+                if not self.run.is_done("regions", shard):
+                    result.failed[("regions", shard)] = err
+                    self._record("regions", shard, {"status": "failed", "error": err, "attempts": 1})
+            pending["regions"].clear()
+            self.stages.remove("regions")
+            return
+        if trained:
+            how = "cached" if trained["cached"] else f"trained in {trained['seconds']} s"
+            print(f"detector mAP50 on synthetic validation: {trained['map50']:.3f} ({how})", flush=True)
+
     def _loop(self, shards, pending, base_url, result: RunResult) -> None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         for stage in self.stages:  # a local Ray cannot grow: an actor it cannot place would wait forever
             need, have = actor_gpus(stage, self.cfg), ray.cluster_resources().get("GPU", 0)
             if need > have and self.cfg.ray.address is None and not all(self.run.is_done(stage, s) for s in shards):
-                raise ConfigError(f"{stage}: an actor needs {need:g} GPU(s) (captioners[].gpus) but the Ray "
+                raise ConfigError(f"{stage}: an actor needs {need:g} GPU(s) (captioners[].gpus, regions.num_gpus) but the Ray "
                                   f"cluster has {have:g}; set gpus: 0 to run on CPU")
         task_limit = self.cfg.ray.download_tasks or max(1, cpus)
         bars = {s: tqdm(total=len(shards), desc=f"{s:>9}", unit="shard", position=i, leave=True,

@@ -6,11 +6,12 @@ stages in Ray actors (one worker object, so one model load, per actor).
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 
 from pipeline.captions import build_captioner
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.download import download_shard, read_images_meta, shard_name
 from pipeline.export import export_shard
 from pipeline.records import CAPTIONS, OK
@@ -71,6 +72,66 @@ class SentencesWorker:
         return summary
 
 
+class RegionsWorker:
+    kind = "actor"
+
+    def __init__(self, cfg: Config, root: str, base_url: str | None = None):
+        from pipeline.regions import RegionPairer
+        from pipeline.scorers import build_scorer, resolve_device
+
+        self.cfg, self.run_dir = cfg, RunDir(root)
+        rc = cfg.regions
+        device = resolve_device(rc.device)
+        detector = None
+        if rc.detector is not None:
+            from pipeline.detector import Detector
+
+            detector = Detector(rc.detector, detector_weights(cfg, self.run_dir), device)
+        self.pairer = RegionPairer(rc, build_scorer(rc.scorer, device, cfg.run.seed), detector,
+                                   cfg.download.max_image_area)
+
+    @staticmethod
+    def num_gpus(cfg: Config) -> float:
+        return cfg.regions.num_gpus
+
+    def run(self, shard: int) -> dict:
+        name = shard_name(shard)
+        sentences = read_table(self.run_dir.output("sentences", shard))
+        out = self.pairer.pair_shard(read_images_meta(self.run_dir.path("images"), shard),
+                                     self.run_dir.path("images", f"{name}.tar"), sentences)
+        if self.cfg.regions.goal_json:
+            from pipeline.regions import goal_records
+            from pipeline.storage import atomic_write_bytes
+
+            doc = json.dumps(goal_records(out, sentences), ensure_ascii=False, indent=1).encode()
+            atomic_write_bytes(self.run_dir.path("regions", f"{name}.goal.json"), doc)
+        atomic_write_table(self.run_dir.output("regions", shard), out)
+        summary = summarize(out)
+        summary["pairs"] = int(pa.compute.sum(out["n_pairs"]).as_py() or 0)
+        return summary
+
+
+def detector_weights(cfg: Config, run_dir: RunDir) -> str:
+    """The configured weights, or the run's trained synthetic detector."""
+    det = cfg.regions.detector
+    if det.weights:
+        return det.weights
+    return run_dir.path("models", "detector", "weights.pt")
+
+
+def prepare(cfg: Config, run_dir: RunDir) -> dict | None:
+    """Work a stage needs before its first shard: training the synthetic detector (cached in models/)."""
+    det = cfg.regions.detector if cfg.regions else None
+    if det is None or det.train is None:
+        return None
+    from pipeline.detector import train_detector
+    from pipeline.scorers import resolve_device
+
+    if not run_dir.is_local:
+        raise ConfigError("regions.detector.train needs a local run.dir")
+    return train_detector(run_dir.path("models"), det.train, resolve_device(cfg.regions.device))
+
+
 class ExportWorker:
     kind = "task"
 
@@ -82,9 +143,15 @@ class ExportWorker:
         index, summary = export_shard(name, read_images_meta(self.run_dir.images(), shard),
                                       self.run_dir.images(f"{name}.tar"),
                                       read_table(self.run_dir.output("sentences", shard)),
-                                      self.run_dir.path("export"), self.cfg.export, self.cfg.extra_columns())
+                                      self.run_dir.path("export"), self.cfg.export, regions=self._regions(shard),
+                                      extra_cols=self.cfg.extra_columns())
         atomic_write_table(self.run_dir.output("export", shard), index)
         return summary
+
+    def _regions(self, shard: int):
+        if self.cfg.regions is None or not self.run_dir.is_done("regions", shard):
+            return None
+        return read_table(self.run_dir.output("regions", shard))
 
 
 def write_export_index(run_dir: RunDir, shards: list[int]) -> int | None:
@@ -106,8 +173,15 @@ def summarize(out: pa.Table) -> dict:
 
 
 WORKERS = {"download": DownloadWorker, "captions": CaptionsWorker, "sentences": SentencesWorker,
-           "export": ExportWorker}
-ORDER = ("download", "captions", "sentences", "export")
+           "regions": RegionsWorker, "export": ExportWorker}
+ORDER = ("download", "captions", "sentences", "regions", "export")
+
+
+def upstream(stage: str, cfg: Config) -> str | None:
+    """The stage whose output `stage` reads; regions sits between sentences and export only when configured."""
+    order = [s for s in ORDER if s != "regions" or cfg.regions is not None]
+    i = order.index(stage)
+    return order[i - 1] if i else None
 
 
 def run_worker(worker, shard: int) -> dict:

@@ -25,7 +25,10 @@ def run_status(run: RunDir) -> dict:
     shards = list(range(plan["shards"]))
     urls = Counter()
     stages = {}
+    snapshot = run.load_snapshot() or {}
     for stage in ORDER:
+        if stage == "regions" and not snapshot.get("regions"):
+            continue  # not configured for this run
         info = {"shards_done": 0, "shards_failed": 0, "shards_pending": 0, "rows": Counter(), "failed": {}}
         entries = manifest.get("stages", {}).get(stage, {}).get("shards", {})
         for shard in shards:

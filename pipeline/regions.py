@@ -1,0 +1,199 @@
+"""Regions stage: detector + division regions per image, every region scored against every sentence.
+
+Per key of a shard: decode the image (pixel limit, any mode -> RGB, large
+images downscaled), detector boxes and division boxes (filtered, deduplicated),
+crops and sentences embedded by the scorer, the region x sentence cosine
+matrix, and per sentence the best region (kept by threshold and margin).
+Every key of the shard gets a row, with a status and a reason when skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from .division import build_regions
+from .export import image_members
+from .matching import select_pairs
+from .records import FAILED, OK, REGIONS, SKIPPED, download_reason, empty_row, table
+
+CHUNK = 64  # images decoded, detected and scored together
+
+
+def decode_image(data: bytes, max_pixels: float, max_side: int, min_side: int) -> Image.Image:
+    """RGB image from bytes: pixel limit before decoding, any mode to RGB, downscaled to max_side. Raises ValueError."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ValueError(f"image too large: {w}x{h} = {w * h} pixels > limit {int(max_pixels)}")
+        if min(w, h) < min_side:
+            raise ValueError(f"image too small: {w}x{h} px, regions need at least {min_side} px per side")
+        if max(w, h) > max_side:
+            im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
+        im.load()
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image too large: {e}") from None
+    except UnidentifiedImageError:
+        raise ValueError("not an image: cannot identify image file") from None
+    except OSError as e:
+        raise ValueError(f"decode error: {e}") from None
+    im = to_rgb(im)
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Grayscale, palette, CMYK, 16-bit, float, alpha -> 8-bit RGB (alpha composited on white)."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(a.astype(np.uint8))
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+def crop(im: Image.Image, box: list[float]) -> Image.Image:
+    """The pixels of a normalised box, at least 1x1."""
+    w, h = im.size
+    x0, y0 = min(int(math.floor(box[0] * w)), w - 1), min(int(math.floor(box[1] * h)), h - 1)
+    x1, y1 = max(int(math.ceil(box[2] * w)), x0 + 1), max(int(math.ceil(box[3] * h)), y0 + 1)
+    return im.crop((x0, y0, x1, y1))
+
+
+def sentences_by_key(sentences: pa.Table) -> tuple[dict, dict]:
+    """Usable captions per key ({captioner, prompt_id, text, sentences}) and per key why others are not."""
+    usable, why = defaultdict(list), defaultdict(list)
+    cols = ["key", "captioner", "prompt_id", "text", "sentences", "excluded", "exclude_reasons", "status", "error"]
+    for r in sentences.select(cols).to_pylist():
+        name = f"{r['captioner']}/{r['prompt_id']}"
+        if r["status"] != OK:
+            why[r["key"]].append(f"{name}: {r['status']}")
+        elif r["excluded"]:
+            why[r["key"]].append(f"{name}: excluded ({', '.join(r['exclude_reasons'] or [])})")
+        elif not r["sentences"]:
+            why[r["key"]].append(f"{name}: 0 sentences")
+        else:
+            usable[r["key"]].append(r)
+    return usable, why
+
+
+class RegionPairer:
+    """The stage's logic over one shard's inputs (no Ray, no run directory)."""
+
+    def __init__(self, cfg, scorer, detector=None, max_pixels: float = 89_478_485):
+        self.cfg, self.scorer, self.detector, self.max_pixels = cfg, scorer, detector, max_pixels
+        self.text_cache: dict[str, np.ndarray] = {}
+
+    def pair_shard(self, images_meta: pa.Table, images_tar: str, sentences: pa.Table) -> pa.Table:
+        usable, why = sentences_by_key(sentences)
+        meta = images_meta.select(["key", "status", "error_message", "width", "height"]).to_pylist()
+        rows, todo = {}, []
+        for m in meta:
+            row = empty_row(REGIONS, key=m["key"], width=m["width"], height=m["height"])
+            rows[m["key"]] = row
+            reason = download_reason(m["status"], m["error_message"])
+            if reason != OK:
+                row.update(status=SKIPPED, error=f"no image ({reason})")
+            else:
+                todo.append(m["key"])
+        wanted = set(todo)
+        chunk = []
+        for key, files in image_members(images_tar):
+            if key not in wanted:
+                continue
+            wanted.discard(key)
+            ext = next((e for e in files if e not in ("json", "txt")), None)
+            chunk.append((key, files.get(ext)))
+            if len(chunk) >= CHUNK:
+                self._pair_chunk(chunk, rows, usable, why)
+                chunk = []
+        if chunk:
+            self._pair_chunk(chunk, rows, usable, why)
+        for key in wanted:
+            rows[key].update(status=FAILED, error="image missing from the shard's tar")
+        self.text_cache.clear()
+        return table([rows[m["key"]] for m in meta], REGIONS)
+
+    def _pair_chunk(self, chunk: list, rows: dict, usable: dict, why: dict) -> None:
+        images = {}
+        for key, data in chunk:
+            try:
+                if data is None:
+                    raise ValueError("no image member in the shard's tar")
+                images[key] = decode_image(data, self.max_pixels, self.cfg.max_side, self.cfg.min_side)
+            except ValueError as e:
+                rows[key].update(status=FAILED, error=str(e))
+        keys = list(images)
+        dets = self.detector.detect([images[k] for k in keys]) if self.detector else [[] for _ in keys]
+        regions = {}
+        for key, d in zip(keys, dets):
+            if isinstance(d, str):
+                rows[key].update(status=FAILED, error=d)
+                continue
+            regions[key] = build_regions(d, self.cfg.division, self.cfg.min_area, self.cfg.max_area,
+                                         self.cfg.dedup_iou)
+        crops = [crop(images[k], r["box"]) for k in regions for r in regions[k]]
+        emb = self.scorer.encode_images(crops) if crops else np.zeros((0, 0), np.float32)
+        texts = {s for k in regions for c in usable.get(k, []) for s in c["sentences"]}
+        self._encode_texts(sorted(texts - set(self.text_cache)))
+        at = 0
+        for key, regs in regions.items():
+            region_emb, at = emb[at:at + len(regs)], at + len(regs)
+            self._fill(rows[key], regs, region_emb, usable.get(key, []), why.get(key, []))
+
+    def _encode_texts(self, texts: list[str]) -> None:
+        if texts:
+            self.text_cache.update(zip(texts, self.scorer.encode_texts(texts)))
+
+    def _fill(self, row: dict, regs: list[dict], region_emb: np.ndarray, captions: list, why: list) -> None:
+        row.update(regions=regs, n_regions=len(regs))
+        matches = []
+        for c in captions:
+            sents = c["sentences"]
+            if regs:
+                scores = region_emb @ np.stack([self.text_cache[s] for s in sents]).T
+            else:
+                scores = np.zeros((0, len(sents)))
+            for i, (s, m) in enumerate(zip(sents, select_pairs(scores, self.cfg.threshold, self.cfg.margin,
+                                                               self.cfg.top_k))):
+                matches.append({"captioner": c["captioner"], "prompt_id": c["prompt_id"], "sentence_index": i,
+                                "sentence": s, **m})
+        row.update(matches=matches, n_sentences=len(matches), n_pairs=sum(m["kept"] for m in matches))
+        if matches:
+            row.update(status=OK)
+        else:
+            row.update(status=SKIPPED, error="no sentences" + (f": {'; '.join(why)}" if why else ""))
+
+
+def goal_records(regions: pa.Table, sentences: pa.Table) -> list[dict]:
+    """GOAL's format: per (image, caption) with kept pairs, {original_filename, original_caption, segment}."""
+    usable, _ = sentences_by_key(sentences)
+    out = []
+    for r in regions.select(["key", "width", "height", "regions", "matches", "status"]).to_pylist():
+        if r["status"] != OK:
+            continue
+        for c in usable.get(r["key"], []):
+            segs = [{"caption": m["sentence"], "similarity_score": round(m["score"], 6),
+                     "bbox_coordinates": _pixels(r["regions"][m["region"]]["box"], r["width"], r["height"])}
+                    for m in r["matches"]
+                    if m["kept"] and m["captioner"] == c["captioner"] and m["prompt_id"] == c["prompt_id"]]
+            if segs:
+                out.append({"original_filename": f"{r['key']}.jpg", "original_caption": c["text"], "segment": segs})
+    return out
+
+
+def _pixels(box: list[float], w: int, h: int) -> list[int]:
+    return [round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)]

@@ -1,0 +1,117 @@
+"""`longcap eval-pairs RUN`: the detector's mAP50 and local-pair precision/recall against synthetic truth.
+
+A kept pair is right when its region has IoU >= 0.5 with the box of what its
+sentence describes (object sentences: the object; relation sentences: the
+union of both objects; background: the whole image). Precision = right pairs
+/ kept pairs; recall = right pairs / sentences; coverage = sentences for which
+some region of the image reaches the IoU (the best any matcher could do).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from torchvision.ops import box_iou
+
+from pipeline.download import read_images_meta
+from pipeline.storage import atomic_write_json, exists, read_table
+from .rundir import RunDir
+
+KINDS = ("object", "relation", "background")
+
+
+def pair_metrics(items: list[dict], min_iou: float = 0.5) -> dict:
+    """items: {'truth': box, 'pred': box of the kept pair or None, 'regions': [boxes]} per sentence."""
+    n, n_pred, right, covered = len(items), 0, 0, 0
+    for it in items:
+        truth = torch.tensor([it["truth"]], dtype=torch.float64)
+        if it["pred"] is not None:
+            n_pred += 1
+            right += float(box_iou(torch.tensor([it["pred"]], dtype=torch.float64), truth)[0, 0]) >= min_iou
+        if it["regions"]:
+            covered += float(box_iou(torch.tensor(it["regions"], dtype=torch.float64), truth).max()) >= min_iou
+    return {"sentences": n, "pairs": n_pred, "right": int(right),
+            "precision": round(right / n_pred, 4) if n_pred else None,
+            "recall": round(right / n, 4) if n else None,
+            "coverage": round(covered / n, 4) if n else None}
+
+
+def collect_items(run: RunDir, shards: list[int]) -> tuple[dict, int]:
+    """Per sentence kind, the evaluation items of every regions row whose image has synthetic truth."""
+    truth = {r["id"]: {s["text"]: s for s in r["sentences"]}
+             for r in pq.read_table(Path(run.synth_dir) / "truth.parquet", columns=["id", "sentences"]).to_pylist()}
+    items, unmatched = defaultdict(list), 0
+    for shard in shards:
+        if not run.is_done("regions", shard):
+            continue
+        ids = {r["key"]: r["id"] for r in read_images_meta(run.path("images"), shard, ["key", "id"]).to_pylist()}
+        for r in read_table(run.output("regions", shard), ["key", "regions", "matches"]).to_pylist():
+            sents = truth.get(ids.get(r["key"]))
+            if sents is None or not r["matches"]:
+                continue
+            boxes = [g["box"] for g in r["regions"]]
+            for m in r["matches"]:
+                t = sents.get(m["sentence"])
+                if t is None:
+                    unmatched += 1
+                    continue
+                pred = boxes[m["region"]] if m["kept"] else None
+                items[t["kind"]].append({"truth": list(t["box"]), "pred": pred, "regions": boxes})
+    return items, unmatched
+
+
+def detector_map50(run: RunDir, cfg) -> dict:
+    from pipeline.detector import detection_map50
+
+    det = cfg.regions.detector if cfg.regions else None
+    if det is None:
+        return {"map50": None, "why": "no detector configured"}
+    data = run.path("models", "detector", "data.yaml")
+    if not exists(data):
+        return {"map50": None, "why": "no synthetic validation split (the detector was not trained by this run)"}
+    from .stages import detector_weights
+
+    imgsz = det.train.imgsz if det.train else det.imgsz
+    return {"map50": detection_map50(detector_weights(cfg, run), data, imgsz), "data": data}
+
+
+def evaluate(run_dir: str, min_iou: float = 0.5) -> dict:
+    from pipeline.config import load_config
+
+    run = RunDir(run_dir)
+    if not exists(run.path("run.yaml")):
+        raise FileNotFoundError(f"{run_dir} is not a started run (no run.yaml)")
+    cfg = load_config(run.path("run.yaml"))
+    if cfg.input.synthetic is None:
+        raise FileNotFoundError(f"{run_dir}: eval-pairs needs a synthetic run (truth comes from synth/truth.parquet)")
+    with open(run.path("images", "_shards", "plan.json")) as f:
+        shards = list(range(json.load(f)["shards"]))
+    items, unmatched = collect_items(run, shards)
+    report = {"run": run.root, "min_iou": min_iou,
+              "shards_with_regions": sum(run.is_done("regions", s) for s in shards),
+              "detector": detector_map50(run, cfg),
+              "pairs": {k: pair_metrics(items.get(k, []), min_iou) for k in KINDS},
+              "all": pair_metrics([i for k in KINDS for i in items.get(k, [])], min_iou),
+              "sentences_without_truth": unmatched}
+    atomic_write_json(run.path("report", "eval_pairs.json"), report)
+    return report
+
+
+def format_report(rep: dict) -> str:
+    d = rep["detector"]
+    lines = [f"run {rep['run']}: {rep['shards_with_regions']} shard(s) with regions",
+             f"  detector mAP50 (synthetic validation): "
+             + (f"{d['map50']:.3f}" if d["map50"] is not None else f"n/a ({d['why']})"),
+             f"  local pairs (right = IoU >= {rep['min_iou']} with the truth box):",
+             f"      {'sentences':<12}{'n':>6}{'pairs':>7}{'right':>7}{'precision':>11}{'recall':>8}{'coverage':>10}"]
+    fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+    for name, m in list(rep["pairs"].items()) + [("all", rep["all"])]:
+        lines.append(f"      {name:<12}{m['sentences']:>6}{m['pairs']:>7}{m['right']:>7}{fmt(m['precision']):>11}"
+                     f"{fmt(m['recall']):>8}{fmt(m['coverage']):>10}")
+    if rep["sentences_without_truth"]:
+        lines.append(f"  {rep['sentences_without_truth']} sentence(s) not found in the truth (split differently)")
+    return "\n".join(lines)
