@@ -96,9 +96,13 @@ class RegionPairer:
     def __init__(self, cfg, scorer, detector=None, max_pixels: float = 89_478_485):
         self.cfg, self.scorer, self.detector, self.max_pixels = cfg, scorer, detector, max_pixels
         self.text_cache: dict[str, np.ndarray] = {}
+        self.fixed = None
 
-    def pair_shard(self, images_meta: pa.Table, images_tar: str, sentences: pa.Table) -> pa.Table:
+    def pair_shard(self, images_meta: pa.Table, images_tar: str, sentences: pa.Table,
+                   fixed: dict | None = None) -> pa.Table:
+        """fixed: key -> regions from an earlier pass; they are rescored (no detection, no division)."""
         usable, why = sentences_by_key(sentences)
+        self.fixed = fixed
         meta = images_meta.select(["key", "status", "error_message", "width", "height"]).to_pylist()
         rows, todo = {}, []
         for m in meta:
@@ -137,8 +141,12 @@ class RegionPairer:
             except ValueError as e:
                 rows[key].update(status=FAILED, error=str(e))
         keys = list(images)
-        dets = self.detector.detect([images[k] for k in keys]) if self.detector else [[] for _ in keys]
         regions = {}
+        if self.fixed is not None:
+            keys, regions = [], {k: self.fixed[k] for k in images if self.fixed.get(k)}
+            for k in set(images) - set(regions):
+                rows[k].update(status=SKIPPED, error="no regions from the regions stage")
+        dets = self.detector.detect([images[k] for k in keys]) if self.detector and keys else [[] for _ in keys]
         for key, d in zip(keys, dets):
             if isinstance(d, str):
                 rows[key].update(status=FAILED, error=d)

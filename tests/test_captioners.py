@@ -249,7 +249,7 @@ def test_gpu_captioner_on_a_local_ray_without_gpus_is_a_config_error(ray_session
     data["captioners"] = [{"name": "g", "backend": "hf", "model": "x", "gpus": 1}]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
     assert main(["run", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
-    assert "captions: an actor needs 1 GPU(s) (captioners[].gpus) but the Ray cluster has 0" in capsys.readouterr().err
+    assert "captions: an actor needs 1 GPU(s) (captioners[].gpus, regions.num_gpus) but the Ray cluster has 0" in capsys.readouterr().err
     assert not (tmp_path / "run" / "images" / "00000.parquet").exists()  # refused before any work
 
 

@@ -15,12 +15,26 @@ def test_demo_config_runs_end_to_end_with_training(ray_session, tmp_path, capsys
     run = tmp_path / "demo"
     small = [f"run.dir={run}", "input.synthetic.families=5", "input.synthetic.image_size=128",
              "download.image_size=128", "train.steps=4", "train.log_every=2", "train.ckpt_every=2",
-             "train.image_size=56", "train.workers=0", "train.batch_size=4", "train.warmup=1"]
+             "train.image_size=56", "train.workers=0", "train.batch_size=4", "train.warmup=1",
+             "regions.detector.train.train_images=8", "regions.detector.train.val_images=4",
+             "regions.detector.train.epochs=1", "regions.detector.train.imgsz=64", "regions.detector.imgsz=64",
+             "regions.scorer.image_size=64"]
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), *small, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "all accounted for" in out and "trained to step 4" in out
     assert "held-out retrieval on 3 images (chance R@1 = 0.333)" in out  # family 0 of 5 is held out: 3 variants
     assert "grounding mIoU" in out and "a mask of the whole image scores" in out
+    assert "detector mAP50 on synthetic validation" in out
+    assert "regions rescored with the trained caft-tiny" in out and "the trained CAFT (regions-caft/)" in out
+    assert sorted(p.name for p in (run / "regions-caft").glob("*.parquet")) == \
+        sorted(p.name for p in (run / "regions").glob("*.parquet"))
+    import pyarrow.parquet as pq
+
+    for f in sorted((run / "regions").glob("*.parquet")):
+        first, again = pq.read_table(f).to_pylist(), pq.read_table(run / "regions-caft" / f.name).to_pylist()
+        assert [r["key"] for r in first] == [r["key"] for r in again]
+        assert [r["regions"] for r in first] == [r["regions"] for r in again]  # the same boxes, rescored
+        assert any(r["matches"] for r in again)
     rows = [json.loads(x) for x in (run / "models" / "caft-tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4] and rows[-1]["step"] == 4 and "eval" in rows[-1]
     assert (run / "models" / "caft-tiny" / "latest").read_text().strip() == "step-0000004"

@@ -282,14 +282,14 @@ def test_yolo_with_no_detections_still_gives_division_regions(tmp_path):
 
 
 def test_regions_config(tmp_path):
-    base = {"run": {"dir": str(tmp_path)}, "input": {"synthetic": {}}}
+    base = {"run": {"dir": str(tmp_path)}, "input": {"synthetic": {}}, "download": {"allow_networks": ["127.0.0.1/32"]}}
     assert "regions" not in load_config(data=dict(base)).run.stages
     cfg = load_config(data={**base, "regions": {"detector": {"train": {"epochs": 1}}}})
     assert cfg.run.stages == ["download", "captions", "sentences", "regions", "export"]
     with pytest.raises(ConfigError, match="exactly one of regions.detector.weights and regions.detector.train"):
         load_config(data={**base, "regions": {"detector": {"classes": ["person"]}}})
     with pytest.raises(ConfigError, match="run.stages has 'regions' but there is no regions section"):
-        load_config(data={"run": {"dir": "x", "stages": ["regions"]}, "input": {"synthetic": {}}})
+        load_config(data={"run": {"dir": "x", "stages": ["regions"]}, "input": {"synthetic": {}}, "download": {"allow_networks": ["127.0.0.1/32"]}})
     with pytest.raises(ConfigError, match="regions.detector.weights: file not found: /nope/best.pt"):
         load_config(data={**base, "regions": {"detector": {"weights": "/nope/best.pt"}}})
     with pytest.raises(ConfigError, match="must be below max_area"):
@@ -324,7 +324,7 @@ def test_cli_refuses_regions_stage_without_a_section(tmp_path, capsys):
     from workflows.cli import main
 
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"run": {"dir": str(tmp_path / "run")}, "input": {"synthetic": {}}}))
+    cfg.write_text(yaml.safe_dump({"run": {"dir": str(tmp_path / "run")}, "input": {"synthetic": {}}, "download": {"allow_networks": ["127.0.0.1/32"]}}))
     assert main(["run", str(cfg), "--stages", "regions"]) == 2
     assert "--stages regions: the config has no regions section" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -40,16 +40,16 @@ def pair_metrics(items: list[dict], min_iou: float = 0.5) -> dict:
             "coverage": round(covered / n, 4) if n else None}
 
 
-def collect_items(run: RunDir, shards: list[int]) -> tuple[dict, int]:
+def collect_items(run: RunDir, shards: list[int], stage: str = "regions") -> tuple[dict, int]:
     """Per sentence kind, the evaluation items of every regions row whose image has synthetic truth."""
     truth = {r["id"]: {s["text"]: s for s in r["sentences"]}
              for r in pq.read_table(Path(run.synth_dir) / "truth.parquet", columns=["id", "sentences"]).to_pylist()}
     items, unmatched = defaultdict(list), 0
     for shard in shards:
-        if not run.is_done("regions", shard):
+        if not run.is_done(stage, shard):
             continue
-        ids = {r["key"]: r["id"] for r in read_images_meta(run.path("images"), shard, ["key", "id"]).to_pylist()}
-        for r in read_table(run.output("regions", shard), ["key", "regions", "matches"]).to_pylist():
+        ids = {r["key"]: r["id"] for r in read_images_meta(run.images(), shard, ["key", "id"]).to_pylist()}
+        for r in read_table(run.output(stage, shard), ["key", "regions", "matches"]).to_pylist():
             sents = truth.get(ids.get(r["key"]))
             if sents is None or not r["matches"]:
                 continue
@@ -88,7 +88,7 @@ def evaluate(run_dir: str, min_iou: float = 0.5) -> dict:
     cfg = load_config(run.path("run.yaml"))
     if cfg.input.synthetic is None:
         raise FileNotFoundError(f"{run_dir}: eval-pairs needs a synthetic run (truth comes from synth/truth.parquet)")
-    with open(run.path("images", "_shards", "plan.json")) as f:
+    with open(run.images("_shards", "plan.json")) as f:
         shards = list(range(json.load(f)["shards"]))
     items, unmatched = collect_items(run, shards)
     report = {"run": run.root, "min_iou": min_iou,
@@ -97,6 +97,10 @@ def evaluate(run_dir: str, min_iou: float = 0.5) -> dict:
               "pairs": {k: pair_metrics(items.get(k, []), min_iou) for k in KINDS},
               "all": pair_metrics([i for k in KINDS for i in items.get(k, [])], min_iou),
               "sentences_without_truth": unmatched}
+    if any(run.is_done("regions_caft", s) for s in shards):  # the same regions rescored by the trained CAFT
+        caft, _ = collect_items(run, shards, "regions_caft")
+        report["caft"] = {"pairs": {k: pair_metrics(caft.get(k, []), min_iou) for k in KINDS},
+                          "all": pair_metrics([i for k in KINDS for i in caft.get(k, [])], min_iou)}
     atomic_write_json(run.path("report", "eval_pairs.json"), report)
     return report
 
@@ -109,9 +113,14 @@ def format_report(rep: dict) -> str:
              f"  local pairs (right = IoU >= {rep['min_iou']} with the truth box):",
              f"      {'sentences':<12}{'n':>6}{'pairs':>7}{'right':>7}{'precision':>11}{'recall':>8}{'coverage':>10}"]
     fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
-    for name, m in list(rep["pairs"].items()) + [("all", rep["all"])]:
-        lines.append(f"      {name:<12}{m['sentences']:>6}{m['pairs']:>7}{m['right']:>7}{fmt(m['precision']):>11}"
-                     f"{fmt(m['recall']):>8}{fmt(m['coverage']):>10}")
+    tables = [("scorer of the regions stage", rep)] + ([("the trained CAFT (regions-caft/)", rep["caft"])]
+                                                      if rep.get("caft") else [])
+    for title, t in tables:
+        if len(tables) > 1:
+            lines.append(f"    {title}:")
+        for name, m in list(t["pairs"].items()) + [("all", t["all"])]:
+            lines.append(f"      {name:<12}{m['sentences']:>6}{m['pairs']:>7}{m['right']:>7}{fmt(m['precision']):>11}"
+                         f"{fmt(m['recall']):>8}{fmt(m['coverage']):>10}")
     if rep["sentences_without_truth"]:
         lines.append(f"  {rep['sentences_without_truth']} sentence(s) not found in the truth (split differently)")
     return "\n".join(lines)

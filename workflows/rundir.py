@@ -17,6 +17,7 @@ from pipeline.sources import read_url_lists
 from pipeline.storage import atomic_write_bytes, atomic_write_json, atomic_write_table, exists, read_table, remove_stale_tmp
 
 STAGE_DIRS = {"download": "images", "captions": "captions", "sentences": "sentences", "regions": "regions",
+              "regions_caft": "regions-caft",
               "export": "export"}
 
 

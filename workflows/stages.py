@@ -97,8 +97,8 @@ class RegionsWorker:
     def run(self, shard: int) -> dict:
         name = shard_name(shard)
         sentences = read_table(self.run_dir.output("sentences", shard))
-        out = self.pairer.pair_shard(read_images_meta(self.run_dir.path("images"), shard),
-                                     self.run_dir.path("images", f"{name}.tar"), sentences)
+        out = self.pairer.pair_shard(read_images_meta(self.run_dir.images(), shard),
+                                     self.run_dir.images(f"{name}.tar"), sentences)
         if self.cfg.regions.goal_json:
             from pipeline.regions import goal_records
             from pipeline.storage import atomic_write_bytes
