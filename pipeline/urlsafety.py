@@ -71,26 +71,26 @@ GuardedHTTPConnection = _guarded(http.client.HTTPConnection)
 GuardedHTTPSConnection = _guarded(http.client.HTTPSConnection)
 
 
-class GuardedHTTPHandler(urllib.request.HTTPHandler):
+class _Guard:
+    """Checks the target host of every request (redirects are new requests) before opening it."""
+
     def __init__(self, allow: tuple):
         super().__init__()
         self.allow = allow
 
+    def _open(self, req, base, **kw):
+        check_host(urllib.parse.urlsplit(req.full_url).hostname or "", None, self.allow)
+        return self.do_open(type("Conn", (base,), {"allow": self.allow}), req, **kw)
+
+
+class GuardedHTTPHandler(_Guard, urllib.request.HTTPHandler):
     def http_open(self, req):
-        check_host(urllib.parse.urlsplit(req.full_url).hostname or "", None, self.allow)
-        conn = type("Conn", (GuardedHTTPConnection,), {"allow": self.allow})
-        return self.do_open(conn, req)
+        return self._open(req, GuardedHTTPConnection)
 
 
-class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, allow: tuple):
-        super().__init__()
-        self.allow = allow
-
+class GuardedHTTPSHandler(_Guard, urllib.request.HTTPSHandler):
     def https_open(self, req):
-        check_host(urllib.parse.urlsplit(req.full_url).hostname or "", None, self.allow)
-        conn = type("Conn", (GuardedHTTPSConnection,), {"allow": self.allow})
-        return self.do_open(conn, req, context=self._context)
+        return self._open(req, GuardedHTTPSConnection, context=self._context)
 
 
 def install(allow: tuple) -> None:

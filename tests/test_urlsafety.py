@@ -35,3 +35,23 @@ def test_config_requires_the_loopback_opt_in_for_local_servers(tmp_path):
     cfg["download"]["allow_networks"] = ["not-a-net"]
     with pytest.raises(ConfigError, match="'not-a-net' is not a network"):
         load_config(data=cfg)
+
+
+def test_installed_opener_refuses_http_and_https_before_connecting(monkeypatch):
+    import socket
+    import urllib.request
+
+    from pipeline.urlsafety import install
+
+    def no_connect(*a, **k):
+        raise AssertionError("a connection was attempted")
+
+    monkeypatch.setattr(socket, "create_connection", no_connect)
+    old = urllib.request._opener
+    try:
+        install(())
+        for url in ("http://169.254.169.254/latest/meta-data/", "https://127.0.0.1:8443/x.jpg", "http://[::1]/x"):
+            with pytest.raises(BlockedAddress, match="^blocked: "):
+                urllib.request.urlopen(url, timeout=1)
+    finally:
+        urllib.request.install_opener(old)

@@ -82,6 +82,13 @@ def run_training(cfg, root) -> int:
     from .model_cli import format_result
     from .training import launch, plan
 
+    if not cfg.train.ray_workers:  # the pipeline's own local Ray is done; its idle workers would hold memory
+        import ray
+
+        from .runner import STARTED_HERE
+        if ray.is_initialized() and STARTED_HERE:
+            ray.shutdown()
+            STARTED_HERE.clear()
     print(f"\ntraining {cfg.train.model} for {cfg.train.steps} steps on {root}/export ...", flush=True)
     result = launch(cfg.train, plan(cfg.train, str(root)))
     print(format_result(result))

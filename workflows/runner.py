@@ -27,10 +27,15 @@ from .stages import ORDER, WORKERS, prepare, run_worker, upstream, write_export_
 log = logging.getLogger("longcap")
 
 
+STARTED_HERE = []  # set when ensure_ray started a local Ray in this process (so it may stop it)
+
+
 def ensure_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     rc = cfg.ray
+    if not rc.address:
+        STARTED_HERE.append(True)
     if rc.address:
         ray.init(address=rc.address, runtime_env=rc.runtime_env, log_to_driver=True)
     else:
