@@ -35,13 +35,14 @@ def step_time(name: str, batch: int, n_sub: int, k_chunks: int, device: str, ste
         if device == "cuda":
             torch.cuda.synchronize()
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+    from model.info import count_flops
 
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+    def fwd_bwd():
         with amp:
-            model(images, tokens, valid, whole)["loss"].backward()
-    step_flops = counter.get_total_flops()  # forward + backward, matmuls/convs/attention
+            loss = model(images, tokens, valid, whole)["loss"]
+        loss.backward()
+
+    step_flops = count_flops(fwd_bwd)  # forward + backward, matmuls/convs/attention
     opt.zero_grad(set_to_none=True)
     times = []
     for i in range(warmup + steps):

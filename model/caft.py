@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -178,4 +178,3 @@ def describe(model: CAFT) -> dict:
             "text_params": param_count(model.text), "config": asdict(model.cfg)}
 
 
-__all__ = ["CAFT", "CONFIGS", "CaftConfig", "build", "describe", "field"]

@@ -110,6 +110,11 @@ def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
     return tokens[[where[t] for t in texts]]
 
 
+def selected(meta: dict, where: dict | None) -> bool:
+    """Whether a sample's JSON matches `where` on its "extra" fields (no filter: every sample)."""
+    return not where or all(meta.get("extra", {}).get(k) == v for k, v in where.items())
+
+
 def pick_texts(captions: list[dict], rng: random.Random, cfg: DataConfig) -> tuple[list[str], int]:
     """The N sub-captions of one sample; the first `k` come from one long caption."""
     caps = [c for c in captions if c.get("sentences")]
@@ -139,7 +144,7 @@ class SampleBuilder:
         where = sample.get("__url__", "?")
         try:
             meta = json.loads(sample["json"])
-            if self.cfg.where and any(meta.get("extra", {}).get(k) != v for k, v in self.cfg.where.items()):
+            if not selected(meta, self.cfg.where):
                 return None  # not selected (e.g. a held-out split): not an error
             image = decode_image(sample["jpg"], self.cfg.max_pixels)
         except Exception as e:  # noqa: BLE001 - a bad sample is skipped and said, never a crash

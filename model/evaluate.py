@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import DataConfig, dataset, decode_image, image_transform, tokenize
+from .data import DataConfig, dataset, decode_image, image_transform, selected, tokenize
 from .grounding import grounding_mask, iou
 
 
@@ -97,10 +97,9 @@ def synthetic_grounding(model, urls: list[str], truth: dict, data: DataConfig, d
     ious, whole_ious = [], []
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         meta = json.loads(sample["json"])
-        extra = meta.get("extra", {})
-        if data.where and any(extra.get(k) != v for k, v in data.where.items()):
+        if not selected(meta, data.where):
             continue
-        row = truth.get(extra.get("id"))
+        row = truth.get(meta.get("extra", {}).get("id"))
         if row is None:
             continue
         image = image_transform(size)(decode_image(sample["jpg"], data.max_pixels)).unsqueeze(0).to(device)

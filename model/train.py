@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -338,4 +338,3 @@ def _eval(model, spec, device, step, metrics, rank, world) -> dict | None:
     return res
 
 
-__all__ = ["EvalSpec", "train", "run_eval", "param_groups", "warmup_cosine", "gather_others", "asdict"]

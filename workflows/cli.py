@@ -93,16 +93,12 @@ def run_training(cfg, root) -> int:
     result = launch(cfg.train, plan(cfg.train, str(root)))
     print(format_result(result))
     if cfg.regions is not None and result.get("checkpoint"):
-        import json
-
         from .evalpairs import evaluate, format_report
         from .rescore import rescore_with_caft
         from .rundir import RunDir
 
         run = RunDir(root)
-        with open(run.images("_shards", "plan.json")) as f:
-            shards = list(range(json.load(f)["shards"]))
-        n = rescore_with_caft(cfg, run, result["checkpoint"], shards)
+        n = rescore_with_caft(cfg, run, result["checkpoint"], run.plan(cfg))
         print(f"\nregions rescored with the trained {cfg.train.model}: {n} pairs kept (regions-caft/)")
         if cfg.input.synthetic is not None:
             print(format_report(evaluate(str(root))))

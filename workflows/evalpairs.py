@@ -9,7 +9,6 @@ some region of the image reaches the IoU (the best any matcher could do).
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -88,8 +87,7 @@ def evaluate(run_dir: str, min_iou: float = 0.5) -> dict:
     cfg = load_config(run.path("run.yaml"))
     if cfg.input.synthetic is None:
         raise FileNotFoundError(f"{run_dir}: eval-pairs needs a synthetic run (truth comes from synth/truth.parquet)")
-    with open(run.images("_shards", "plan.json")) as f:
-        shards = list(range(json.load(f)["shards"]))
+    shards = run.plan(cfg)
     items, unmatched = collect_items(run, shards)
     report = {"run": run.root, "min_iou": min_iou,
               "shards_with_regions": sum(run.is_done("regions", s) for s in shards),
