@@ -1,7 +1,8 @@
 """Checkpoints without pickle.
 
 A training checkpoint is a folder `step-NNNNNNN/` holding
-- `model.safetensors`: weights, metadata `format=longcap-model`, `config` (the CaftConfig as JSON), `step`;
+- `model.safetensors`: weights, metadata `format=longcap-model`, `kind` (caft | goal | grouping; absent in
+  older files: caft), `config` (the model's config dataclass as JSON), `step`;
 - `state.pt`: optimizer, scheduler, step, data position, RNG, read back with `torch.load(weights_only=True)`
   (tensors, numbers, strings, lists and dicts only: no arbitrary objects are ever unpickled);
 - `train.json`: the training config, for people and for the resume check.
@@ -31,8 +32,8 @@ def save_model(model, path: str | Path, step: int = 0, extra: dict | None = None
     from safetensors.torch import save_file
 
     cfg = model.cfg
-    meta = {"format": FORMAT, "config": json.dumps(asdict(cfg)), "step": str(step),
-            "extra": json.dumps(extra or {})}
+    meta = {"format": FORMAT, "kind": getattr(model, "kind", "caft"), "config": json.dumps(asdict(cfg)),
+            "step": str(step), "extra": json.dumps(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=meta)
 
@@ -59,19 +60,19 @@ def read_model_file(path: str | Path) -> tuple[dict, dict]:
 
 
 def load_model(path: str | Path, device: str = "cpu"):
-    """A CAFT model from a model file or a checkpoint folder (its model.safetensors)."""
-    from .caft import CAFT, CaftConfig
+    """A model (CAFT, GOAL or grouping, from the file's `kind`) from a model file or a checkpoint folder."""
+    from .registry import config_from_fields, from_config
 
     p = Path(path)
     if p.is_dir():
         p = resolve(p) / "model.safetensors" if (p / "latest").exists() else p / "model.safetensors"
     state, meta = read_model_file(p)
+    kind = meta.get("kind", "caft")
     try:
-        fields = json.loads(meta["config"])
-        cfg = CaftConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        cfg = config_from_fields(kind, json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{p}: model config in the metadata is unusable: {e}") from e
-    model = CAFT(cfg)
+    model = from_config(kind, cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{p}: weights do not match config {cfg.name!r}: missing {missing[:5]}, "

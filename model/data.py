@@ -80,6 +80,10 @@ class DataConfig:
     world_size: int = 1
     max_pixels: int = 89_478_485
     where: dict | None = None  # keep samples whose json "extra" has these values, e.g. {"split": "train"}
+    mode: str = "caft"  # what a sample carries: caft (chunked captions) | goal | grouping (model/localdata.py)
+    max_pairs: int = 4  # goal: local region-sentence pairs per sample (0: none)
+    long_text: str = "stretch"  # goal: stretch (one row of long_context tokens) | chunk (rows of 77, whole sentences)
+    long_context: int = 248  # goal, stretch: tokens per caption row
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -152,12 +156,20 @@ class SampleBuilder:
             return None
         stage = f"loader:{self.cfg.epoch}" if self.cfg.train else "loader:eval"
         rng = random.Random(key_seed(self.cfg.seed, stage, key))
+        if self.cfg.mode == "goal":
+            from .localdata import goal_sample
+            return goal_sample(self.cfg, key, where, meta, image, rng, image_transform(self.cfg.image_size))
         texts, k = pick_texts(meta.get("captions", []), rng, self.cfg)
         if not texts:
             log.warning("skipping sample %s in %s: no captions with sentences", key, where)
             return None
+        if self.cfg.mode == "grouping":
+            from .localdata import tokenize_words
+            tokens = tokenize_words(texts, self.cfg.context_length)
+        else:
+            tokens = tokenize(texts, self.cfg.context_length)
         return {"key": key, "url": where, "image": image_transform(self.cfg.image_size)(image),
-                "tokens": tokenize(texts, self.cfg.context_length), "n_whole": k, "texts": texts}
+                "tokens": tokens, "n_whole": k, "texts": texts}
 
 
 def collate(samples: list[dict], n_sub: int, context_length: int) -> dict:
@@ -208,8 +220,13 @@ class ResampledShards(torch.utils.data.IterableDataset):
 
 def dataset(urls: list[str], cfg: DataConfig):
     """The sample stream of this rank (and, inside a DataLoader, of this worker), batched."""
+    if cfg.mode not in ("caft", "goal", "grouping"):
+        raise ValueError(f"loader mode {cfg.mode!r} is not one of caft, goal, grouping")
     build = SampleBuilder(cfg)
     batch = functools.partial(collate, n_sub=cfg.n_sub, context_length=cfg.context_length)
+    if cfg.mode == "goal":
+        from .localdata import goal_collate
+        batch = functools.partial(goal_collate, long_text=cfg.long_text, long_context=cfg.long_context)
     if cfg.resampled:
         stages = [ResampledShards(urls, cfg.seed, cfg.epoch, cfg.rank),
                   wds.tarfile_to_samples(handler=_log_and_continue)]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .caft import CONFIGS, build
+from .registry import all_configs, build
 from .checkpoint import CheckpointError, latest, load_state, read_model_file, save_checkpoint
 from .data import DataConfig, loader
 
@@ -38,10 +38,12 @@ class TrainConfigError(ValueError):
 
 @dataclass
 class EvalSpec:
-    """What the evaluation hook measures (rank 0): retrieval on `urls`, and synthetic grounding with `truth`."""
+    """What the evaluation hook measures (rank 0): retrieval on `urls`, and synthetic grounding with `truth`
+    (grouping models: phrase tIoU/F1 on the truth's phrases, and on Flickr30K Entities at `phrases`)."""
     urls: list[str]
     where: dict = field(default_factory=dict)
     truth: str | None = None  # truth.parquet of a synthetic world
+    phrases: str | None = None  # a local Flickr30K Entities copy (grouping models)
     image_size: int = 224
     n_sub: int = 8
     k_chunks: int = 4
@@ -51,6 +53,11 @@ class EvalSpec:
 def run_eval(model, spec: EvalSpec, device: str = "cpu") -> dict:
     from .evaluate import encode_shards, read_truth, retrieval, synthetic_grounding
 
+    if hasattr(model, "evaluate"):  # GOAL, grouping: their own measures
+        was_training = model.training
+        out = model.evaluate(spec, device)
+        model.train(was_training)
+        return out
     data = DataConfig(image_size=spec.image_size, n_sub=spec.n_sub, k_chunks=spec.k_chunks, train=False,
                       batch_size=spec.batch_size, where=spec.where or None)
     was_training = model.training
@@ -182,8 +189,8 @@ def train(cfg, shards: list[str], out: str | Path, eval_spec: EvalSpec | None = 
 
     stop_after: leave after this many steps in this call (as if stopped), for tests and time slicing.
     """
-    if cfg.model not in CONFIGS:
-        raise TrainConfigError(f"train.model {cfg.model!r} is not a known model; known: {', '.join(CONFIGS)}")
+    if cfg.model not in all_configs():
+        raise TrainConfigError(f"train.model {cfg.model!r} is not a known model; known: {', '.join(all_configs())}")
     rank, world, local_rank = _dist_info()
     if cfg.batch_size % (world * cfg.accum):
         raise TrainConfigError(f"train.batch_size {cfg.batch_size} is not divisible by processes x accum "
@@ -207,6 +214,10 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = build(cfg.model, **cfg.model_changes).to(device)
+    want = getattr(model, "input_size", None)
+    if want and want != cfg.image_size:
+        raise TrainConfigError(f"train.image_size is {cfg.image_size} but model {cfg.model} takes {want} px images "
+                               f"(set train.image_size: {want}, or model_changes.image_size)")
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
@@ -230,7 +241,7 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model, device_ids=[local_rank] if cuda else None,
-                  find_unused_parameters=not model.cfg.part_loss)
+                  find_unused_parameters=getattr(model, "find_unused_parameters", not getattr(model.cfg, "part_loss", True)))
     gather = gather_others if world > 1 else None
     bf16 = cuda and cfg.precision in ("auto", "bf16")
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -240,7 +251,7 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
     def batches(ep: int):
         data = DataConfig(image_size=cfg.image_size, n_sub=cfg.n_sub, k_chunks=cfg.k_chunks, batch_size=per_rank,
                           train=True, seed=cfg.seed, epoch=ep, resampled=True, epoch_samples=epoch_samples,
-                          rank=rank, world_size=world, where=cfg.train_where or None)
+                          rank=rank, world_size=world, where=cfg.train_where or None, **_data_options(model))
         return iter(loader(shards, data, num_workers=cfg.workers, context=context))
 
     metrics = Metrics(out, rank == 0, cfg.tensorboard)
@@ -266,8 +277,7 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
                 data_s += time.time() - t0
                 sync = net.no_sync() if world > 1 and a < cfg.accum - 1 else contextlib.nullcontext()
                 with sync, amp():
-                    losses = net(batch["image"].to(device), batch["tokens"].to(device), batch["valid"].to(device),
-                                 batch["whole"].to(device), gather=gather)
+                    losses = net(**_inputs(model, batch, device), gather=gather)
                 (losses["loss"] / cfg.accum).backward()
                 for k, v in losses.items():
                     running[k] = running.get(k, 0.0) + v.item() / cfg.accum
@@ -285,8 +295,7 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
                 avg = _mean_over_ranks({k: v / n for k, v in running.items()}, world)
                 dt = time.time() - t_log
                 row = {"step": step, "epoch": epoch, **{k: round(v, 6) for k, v in avg.items()},
-                       "lr": sched.get_last_lr()[0], "scale_whole": model.whole_logit.scale().item(),
-                       "scale_part": model.part_logit.scale().item(), "samples_per_s": round(samples * world / dt, 2),
+                       "lr": sched.get_last_lr()[0], **_logit_scales(model), "samples_per_s": round(samples * world / dt, 2),
                        "data_share": round(data_s / dt, 3), "step_s": round(time.time() - t_step, 3),
                        "world_size": world, "time": time.time()}
                 metrics.write(row)
@@ -315,6 +324,24 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
         metrics.close()
     result.update(step=step, out=str(out), checkpoint=str(latest(out)) if rank == 0 else None)
     return result
+
+
+def _data_options(model) -> dict:
+    """Loader fields a model kind needs (CAFT: none beyond the defaults)."""
+    return model.data_options() if hasattr(model, "data_options") else {}
+
+
+def _inputs(model, batch: dict, device) -> dict:
+    """forward()'s keyword arguments from a batch."""
+    if hasattr(model, "batch_inputs"):
+        return model.batch_inputs(batch, device)
+    return {"images": batch["image"].to(device), **{k: batch[k].to(device) for k in ("tokens", "valid", "whole")}}
+
+
+def _logit_scales(model) -> dict:
+    if hasattr(model, "logit_scales"):
+        return model.logit_scales()
+    return {"scale_whole": model.whole_logit.scale().item(), "scale_part": model.part_logit.scale().item()}
 
 
 def _save(out, model, opt, sched, step, epoch, micro, cfg_dict, keep, rank, world) -> None:

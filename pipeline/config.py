@@ -247,14 +247,18 @@ class ExportSection(Strict):
 class TrainSection(Strict):
     """Training (model/train.py). In a run config, `longcap run` trains after export; `longcap train` takes
     a file with this section alone or a run config."""
-    model: str = Field("caft-tiny", description="a config name from model/caft.py (longcap model-info lists sizes)")
-    model_changes: dict[str, Any] = Field(default_factory=dict, description="CaftConfig fields to change, e.g. backend: sfcn")
+    model: str = Field("caft-tiny", description="a config name from model/registry.py: CAFT and baselines (model/caft.py), "
+                       "goal-* (model/goal.py), grouping-* (model/grouping.py)")
+    model_changes: dict[str, Any] = Field(default_factory=dict, description="model config fields to change, e.g. "
+                                          "backend: sfcn (CAFT), pretrained: /path/clip.pt (GOAL)")
     shards: list[str] = Field(default_factory=list, description="export tars: paths, globs, {a..b} braces, fsspec URLs; "
                               "empty in a run: the run's export/")
     eval_shards: list[str] = Field(default_factory=list, description="held-out tars; empty in a run: the run's export/")
     train_where: dict[str, Any] = Field(default_factory=dict, description="keep samples whose json extra matches, "
                                         "e.g. {split: train}")
     eval_where: dict[str, Any] = Field(default_factory=dict)
+    eval_phrases: Optional[str] = Field(None, description="grouping models: a local Flickr30K Entities copy "
+                                        "(Sentences/*.txt) to measure phrase tIoU/F1 on")
     out: Optional[str] = Field(None, description="checkpoint folder; default <run>/models/<model>")
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1, description="global batch (all processes, all accumulation steps)")
