@@ -60,11 +60,20 @@ def format_result(result: dict) -> str:
     r = ev.get("retrieval")
     if r:
         lines.append(f"held-out retrieval on {r['n']} images (chance R@1 = {r['chance_r1']:.3f}):")
-        for kind in ("whole", "part", "caftpp"):
+        for kind in ("whole", "part", "caftpp", "global", "groups"):
             if kind in r:
                 m = r[kind]
                 lines.append(f"  {kind:<7} image->text R@1 {m['i2t_r1']:.3f} R@5 {m['i2t_r5']:.3f}   "
                              f"text->image R@1 {m['t2i_r1']:.3f} R@5 {m['t2i_r5']:.3f}")
+    for name, label in (("phrases", "synthetic phrases"), ("flickr30k_entities", "Flickr30K Entities phrases")):
+        p = ev.get(name)
+        if p:
+            base = p.get("baselines", {})
+            lines.append(f"held-out {label}: tIoU {p['tiou']:.3f}, F1 {p['f1']:.3f} (P {p['precision']:.3f}, "
+                         f"R {p['recall']:.3f}) over {p['n_phrases']} phrases in {p['n_texts']} texts"
+                         + (f"; one group per text: tIoU {base['one_group']['tiou']:.3f} F1 {base['one_group']['f1']:.3f}, "
+                            f"one word per group: tIoU {base['word_per_group']['tiou']:.3f} "
+                            f"F1 {base['word_per_group']['f1']:.3f}" if base else ""))
     g = ev.get("grounding")
     if g:
         lines.append(f"held-out grounding mIoU {g['miou']:.3f} over {g['n']} object sentences "
