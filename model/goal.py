@@ -47,7 +47,7 @@ class GoalConfig:
     long_text: str = "stretch"  # stretch | chunk
     context_length: int = 248  # stretch: text positions after stretching
     keep_positions: int = 20  # stretch: leading positions kept as they are (Long-CLIP)
-    max_pairs: int = 4  # local pairs per image in a batch
+    max_pairs: int = 2  # local pairs per image in a batch (GOAL's reference code: 1, the best-scoring)
     global_weight: float = 1.0
     local_weight: float = 0.5
     patch_weight: float = 1.0  # TSL, image side

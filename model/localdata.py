@@ -143,8 +143,8 @@ def pack_chunks(sentence_ids: list[list[int]], context: int = CHUNK_CONTEXT) -> 
 
 def goal_collate(samples: list[dict], long_text: str, long_context: int) -> dict:
     """Images [B,3,S,S]; caption rows `text` [T,C] with `text_owner` [T] (the caption each row belongs to);
-    per local pair r: `crops` [R,3,S,S], `boxes` [R,4] (input pixels), `region_image` [R], `sent_tokens` [R,77]
-    (the sentence alone), `sent_row`/`sent_span` [R]/[R,2] (where it sits in `text`), `sent_ok` [R] (False when
+    per local pair r: `crops` [R,3,S,S], `boxes` [R,4] (input pixels), `region_image` [R], `sent_tokens` [R,<=77]
+    (the sentence alone, as open_clip.tokenize gives it, trailing padding trimmed), `sent_row`/`sent_span` [R]/[R,2] (where it sits in `text`), `sent_ok` [R] (False when
     truncated away), `sent_group` [R] (pairs with the same sentence text share a group: positives of each other)."""
     rows, owner, crops, boxes, region_image = [], [], [], [], []
     sent_tokens, sent_row, sent_span, sent_ok, group_of, sent_group = [], [], [], [], {}, []
@@ -169,10 +169,13 @@ def goal_collate(samples: list[dict], long_text: str, long_context: int) -> dict
     text = torch.zeros(len(rows), width, dtype=torch.long)
     for k, r in enumerate(rows):
         text[k, :len(r)] = torch.tensor(r)
+    # sentences: padding after the longest EOT trimmed (a causal text tower's EOT output does not see it)
+    sent_width = max((len(t) - t[::-1].index(EOT) for t in sent_tokens), default=CHUNK_CONTEXT)
+    sent_tokens = [t[:sent_width] for t in sent_tokens]
     return {"image": torch.stack([s["image"] for s in samples]), "text": text,
             "text_owner": torch.tensor(owner, dtype=torch.long), "crops": torch.cat(crops), "boxes": torch.cat(boxes),
             "region_image": torch.tensor(region_image, dtype=torch.long),
-            "sent_tokens": torch.tensor(sent_tokens, dtype=torch.long).view(-1, CHUNK_CONTEXT),
+            "sent_tokens": torch.tensor(sent_tokens, dtype=torch.long).view(len(sent_tokens), sent_width),
             "sent_row": torch.tensor(sent_row, dtype=torch.long),
             "sent_span": torch.tensor(sent_span, dtype=torch.long).view(-1, 2),
             "sent_ok": torch.tensor(sent_ok, dtype=torch.bool), "sent_group": torch.tensor(sent_group, dtype=torch.long),
