@@ -249,3 +249,18 @@ def test_pretrained_is_taken_from_the_config_and_never_fetched_for_loading(tmp_p
     clip_file.unlink()  # loading a longcap checkpoint needs only the checkpoint
     again = load_model(tmp_path / "m.safetensors")
     assert again.cfg.pretrained is None and torch.equal(again.clip.visual.proj, src.visual.proj)
+
+
+def test_train_configs_validate_and_name_known_models():
+    from model.registry import all_configs
+    from pipeline.config import load_train_config
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "train"
+    seen = set()
+    for path in sorted(root.glob("*.yaml")):
+        cfg, run = load_train_config(str(path))
+        kind, mcfg = all_configs()[cfg.model]
+        seen.add(kind)
+        if hasattr(mcfg, "image_size") and (kind == "goal" or getattr(mcfg, "image", "") == "groupvit"):
+            assert cfg.image_size == mcfg.image_size, path.name
+    assert {"caft", "goal", "grouping"} <= seen
