@@ -92,7 +92,9 @@ def run_training(cfg, root) -> int:
     print(f"\ntraining {cfg.train.model} for {cfg.train.steps} steps on {root}/export ...", flush=True)
     result = launch(cfg.train, plan(cfg.train, str(root)))
     print(format_result(result))
-    if cfg.regions is not None and result.get("checkpoint"):
+    from model.registry import kind_of
+
+    if cfg.regions is not None and result.get("checkpoint") and kind_of(cfg.train.model) == "caft":
         from .evalpairs import evaluate, format_report
         from .rescore import rescore_with_caft
         from .rundir import RunDir
