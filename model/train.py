@@ -213,7 +213,10 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
     cfg_dict = cfg.model_dump(mode="json")
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = build(cfg.model, **cfg.model_changes).to(device)
+    try:
+        model = build(cfg.model, **cfg.model_changes).to(device)
+    except ValueError as e:  # a bad model_changes value, an unusable pretrained or CAFT checkpoint: named, no traceback
+        raise TrainConfigError(f"train.model {cfg.model!r} with model_changes {cfg.model_changes}: {e}") from None
     want = getattr(model, "input_size", None)
     if want and want != cfg.image_size:
         raise TrainConfigError(f"train.image_size is {cfg.image_size} but model {cfg.model} takes {want} px images "

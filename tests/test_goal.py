@@ -264,3 +264,16 @@ def test_train_configs_validate_and_name_known_models():
         if hasattr(mcfg, "image_size") and (kind == "goal" or getattr(mcfg, "image", "") == "groupvit"):
             assert cfg.image_size == mcfg.image_size, path.name
     assert {"caft", "goal", "grouping"} <= seen
+
+
+def test_a_bad_model_change_is_refused_by_name(tmp_path, capsys):
+    from workflows.cli import main
+
+    for changes, word in (({"long_text": "sideways"}, "long_text"), ({"colour": 1}, "unknown model config fields"),
+                          ({"pretrained": str(tmp_path / "missing.pt")}, "goal-tiny")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(tiny_train(model="goal-tiny", shards=[str(tmp_path / "none.tar")],
+                                                  out=str(tmp_path / "o"), model_changes=changes).model_dump(mode="json")))
+        assert main(["train", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert word in err and "Traceback" not in err, err
