@@ -99,9 +99,12 @@ def train_one(model: str, seed: int, urls: list[str], truth: str, args, out: Pat
                        epoch_samples=50 * args.batch, **train_kw)
     spec = EvalSpec(urls, where={"split": "test"}, truth=truth, image_size=args.image_size, n_sub=cfg.n_sub,
                     k_chunks=cfg.k_chunks)
+    timing = Path(out) / "ablation_seconds.json"  # a finished run is only re-evaluated (the trainer resumes at the end)
     t0 = time.time()
     res = train(cfg, urls, out, spec)
-    return {"model": model, "seed": seed, "seconds": round(time.time() - t0, 1), "eval": res["eval"],
+    if not timing.exists():
+        timing.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
+    return {"model": model, "seed": seed, "seconds": json.loads(timing.read_text())["seconds"], "eval": res["eval"],
             "last": res.get("last", {})}
 
 
