@@ -4,7 +4,10 @@ noun phrases, on held-out sentences).
 
 Rows: grouping-tiny (both losses), grouping-tiny-contrastive, grouping-tiny-recon, at equal steps, batch,
 learning rate and seeds; reference rows: the untrained model, all words in one group, one word per group.
-Prints a markdown table (mean ± sd over seeds) and one JSON line per run.
+The image side: the GroupViT-style encoder trained jointly (`--image groupvit`, 64 px), or a trained CAFT's
+segments, frozen (`--image caft --caft-checkpoint runs/demo/models/caft-tiny --image-size 112`: the
+grouping-tiny-caft config with the same loss weights per row). Prints a markdown table (mean ± sd over seeds)
+and one JSON line per run.
 
     python benchmarks/grouping_ablation.py --families 100 --steps 300 --seeds 0 1
 """
@@ -20,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ablation_data import add_data_args, header, mean_sd, prepare, train_one  # noqa: E402
 
-ROWS = (("grouping-tiny", "contrastive + reconstruction"), ("grouping-tiny-contrastive", "contrastive only"),
-        ("grouping-tiny-recon", "reconstruction only"))
+LOSSES = (("", "contrastive + reconstruction", {}), ("-contrastive", "contrastive only", {"recon_weight": 0.0}),
+          ("-recon", "reconstruction only", {"contrastive_weight": 0.0}))
 
 
 def main() -> int:
@@ -29,8 +32,15 @@ def main() -> int:
     add_data_args(p)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-sub", type=int, default=2, help="sentences per image in a batch")
+    p.add_argument("--image", choices=["groupvit", "caft"], default="groupvit")
+    p.add_argument("--caft-checkpoint", help="--image caft: a trained CAFT (training folder or model file)")
     p.set_defaults(batch=16)
     args = p.parse_args()
+    if args.image == "caft" and not args.caft_checkpoint:
+        p.error("--image caft needs --caft-checkpoint")
+    base = "grouping-tiny" if args.image == "groupvit" else "grouping-tiny-caft"
+    extra = {} if args.image == "groupvit" else {"caft_checkpoint": str(Path(args.caft_checkpoint).resolve())}
+    rows = [(f"{base}{suffix}", label, {**extra, **changes}) for suffix, label, changes in LOSSES]
     urls, truth = prepare(args)
 
     import torch
@@ -42,21 +52,22 @@ def main() -> int:
     runs = []
     for seed in args.seeds:
         torch.manual_seed(seed)
-        untrained = build("grouping-tiny").phrase_eval(items)
+        untrained = build(base, **extra).phrase_eval(items)  # the trained rows' initial weights (the trainer seeds alike)
         runs.append({"model": "untrained", "seed": seed, "eval": {"phrases": untrained}})
-        for name, _ in ROWS:
+        for name, _, changes in rows:
             out = Path(args.work) / f"grouping-{name}-s{seed}-{args.steps}"
-            r = train_one(name, seed, urls, truth, args, out, lr=args.lr, warmup=max(1, args.steps // 10),
-                          weight_decay=0.05, n_sub=args.n_sub, k_chunks=args.n_sub)
+            r = train_one(base, seed, urls, truth, args, out, lr=args.lr, warmup=max(1, args.steps // 10),
+                          weight_decay=0.05, n_sub=args.n_sub, k_chunks=args.n_sub, model_changes=changes)
+            r["model"] = name
             runs.append(r)
             print(json.dumps(r), flush=True)
     base = runs[0]["eval"]["phrases"]["baselines"]
-    print(f"\n{header(args, urls)}")
+    print(f"\n{header(args, urls)}; image side: {args.image}" + (f" ({args.caft_checkpoint}, frozen)" if extra else ""))
     print(f"held-out sentences: {base['one_group']['n_texts']}, phrases: {base['one_group']['n_phrases']}, "
           f"K = 4 groups per sentence\n")
     print("| model | losses | tIoU | F1 (IoU ≥ 0.5) | precision | recall | groups/sentence | R@1 i→t / t→i | s/run |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, label in (*ROWS, ("untrained", "none (random init)")):
+    for name, label in (*[(n, lab) for n, lab, _ in rows], ("untrained", "none (random init)")):
         mine = [r for r in runs if r["model"] == name]
         ph = [r["eval"]["phrases"] for r in mine]
         cols = [mean_sd([x[k] for x in ph]) for k in ("tiou", "f1", "precision", "recall")]

@@ -3,12 +3,13 @@ Captions"): a text encoder that groups caption tokens into K units, aligned with
 groups, measured by how well the units match ground-truth phrases.
 
 Text side: CLIP BPE tokens (tokenised word by word, model/localdata.py) + K learnable group tokens ->
-transformer blocks over both -> a grouping block (GroupViT's): the group tokens attend to the tokens, then
-every word token (not SOT/EOT/padding) is assigned to exactly one group by Gumbel-softmax over the groups,
-hard one-hot in the forward pass with the softmax's gradient (straight-through), and each group adds the mean
-of its tokens' values -> blocks over the non-empty groups -> group embeddings.
+transformer blocks over both -> a grouping block (GroupViT's, less the group token in the output): the group
+tokens attend to the tokens, then every word token (not SOT/EOT/padding) is assigned to exactly one group by
+Gumbel-softmax over the groups, hard one-hot in the forward pass with the softmax's gradient
+(straight-through), and each group is the mean of its tokens' values (+ MLP) -> blocks over the groups ->
+group embeddings.
 Reconstruction: a one-layer transformer decoder whose queries are learned positions and whose memory is the
-groups predicts every word token of the input (cross-entropy over the CLIP vocabulary, output weights tied to
+groups (all K, empty ones too) predicts every word token of the input (cross-entropy over the CLIP vocabulary, output weights tied to
 the token embedding).
 Image side: segment groups from a GroupViT-style encoder trained jointly (patches + group tokens -> the same
 grouping block), or CAFT's pooled segments from a trained checkpoint, frozen, through a learned projection.
@@ -44,6 +45,7 @@ class GroupingConfig:
     group_depth: int = 2  # blocks over the groups after grouping
     groups: int = 8  # K
     tau: float = 1.0  # Gumbel-softmax temperature
+    assign_scale: float = 10.0  # assignment logits = this x cosine(token, group query)
     max_chunk: int = 1  # sentences per training text (1: single sentences)
     image: str = "groupvit"  # groupvit (trained jointly) | caft (a trained CAFT's segments, frozen)
     image_size: int = 224  # groupvit input
@@ -99,12 +101,17 @@ def _some(mask: torch.Tensor) -> torch.Tensor:
 
 
 class GroupingBlock(nn.Module):
-    """Group tokens attend to the tokens; each assignable token goes to one group (hard Gumbel-softmax,
-    straight-through); each group adds the mean of its tokens' values, then an MLP."""
+    """Group tokens attend to the tokens and become the assignment's queries; each assignable token goes to one
+    group (hard Gumbel-softmax, straight-through); a group's output is made of its own tokens only: the mean of
+    their values, then an MLP. So the K groups are a bottleneck (one group holding every token is one mean), and
+    a loss on the outputs of every group (empty ones included) reaches the assignment of any token to any group.
+    GroupViT also adds the group token to the output; we leave it out: it has seen every token, so a single
+    group could carry the whole text and nothing would push tokens apart (the groups collapsed to one per
+    sentence in our first runs)."""
 
-    def __init__(self, dim: int, heads: int, tau: float = 1.0):
+    def __init__(self, dim: int, heads: int, tau: float = 1.0, scale: float = 10.0):
         super().__init__()
-        self.tau = tau
+        self.tau, self.scale = tau, scale
         self.norm_x, self.norm_g, self.norm_a = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attend = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.to_token, self.to_group, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -115,14 +122,20 @@ class GroupingBlock(nn.Module):
         """x [B,T,D], g [B,K,D], assignable [B,T] -> groups [B,K,D], assign [B,T,K] (one-hot rows; zero rows for
         tokens not assigned), present [B,K] (groups with a token), logits [B,T,K]."""
         xn = self.norm_x(x)
-        g = g + self.attend(self.norm_g(g), xn, xn, key_padding_mask=~_some(assignable), need_weights=False)[0]
-        logits = self.to_token(xn) @ self.to_group(self.norm_a(g)).transpose(1, 2) / math.sqrt(x.shape[-1])
+        q = g + self.attend(self.norm_g(g), xn, xn, key_padding_mask=~_some(assignable), need_weights=False)[0]
+        # cosine logits at a fixed scale, on token features centred over the text: with GroupViT's scaled dot product
+        # the logits start at ~0.01 and the Gumbel noise (sd 1.3) alone picks every assignment, and without the
+        # centring the component all tokens share picks one group for all of them (we saw both collapse the groups)
+        tok = self.to_token(xn)
+        m = assignable.unsqueeze(-1).to(tok.dtype)
+        tok = tok - (tok * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
+        logits = self.scale * F.normalize(tok, dim=-1) @ F.normalize(self.to_group(self.norm_a(q)), dim=-1).transpose(1, 2)
         assign = gumbel_hard(logits, self.tau, noise=self.training) * assignable.unsqueeze(-1).to(x.dtype)
         counts = assign.sum(1)  # [B,K]
         pooled = assign.transpose(1, 2) @ self.value(xn) / counts.clamp_min(1.0).unsqueeze(-1)
-        g = g + self.proj(pooled)
-        g = g + self.mlp(g)
-        return {"groups": g, "assign": assign, "present": counts.detach() > 0, "logits": logits}
+        out = self.proj(pooled)
+        out = out + self.mlp(out)
+        return {"groups": out, "assign": assign, "present": counts.detach() > 0, "logits": logits}
 
 
 class GroupText(nn.Module):
@@ -136,7 +149,7 @@ class GroupText(nn.Module):
         self.pos = nn.Parameter(torch.randn(context, w) * 0.01)
         self.group_tokens = nn.Parameter(torch.randn(cfg.groups, w) * 0.02)
         self.blocks = blocks(w, cfg.text_depth, cfg.text_heads)
-        self.grouping = GroupingBlock(w, cfg.text_heads, cfg.tau)
+        self.grouping = GroupingBlock(w, cfg.text_heads, cfg.tau, cfg.assign_scale)
         self.after = blocks(w, cfg.group_depth, cfg.text_heads)
         self.norm = nn.LayerNorm(w)
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
@@ -171,9 +184,10 @@ class Reconstructor(nn.Module):
                                                 batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, hidden: torch.Tensor, present: torch.Tensor, length: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
+        """Every group, empty ones too, is memory: the loss then reaches assignments to empty groups."""
         q = self.query[:length].expand(hidden.shape[0], -1, -1)
-        return self.norm(self.layer(q, hidden, memory_key_padding_mask=~_some(present)))
+        return self.norm(self.layer(q, hidden))
 
 
 class GroupImage(nn.Module):
@@ -187,7 +201,7 @@ class GroupImage(nn.Module):
         self.pos = nn.Parameter(torch.randn(grid * grid, w) * 0.02)
         self.group_tokens = nn.Parameter(torch.randn(cfg.image_groups, w) * 0.02)
         self.blocks = blocks(w, cfg.image_depth, cfg.image_heads)
-        self.grouping = GroupingBlock(w, cfg.image_heads, cfg.tau)
+        self.grouping = GroupingBlock(w, cfg.image_heads, cfg.tau, cfg.assign_scale)
         self.after = blocks(w, cfg.image_group_depth, cfg.image_heads)
         self.norm = nn.LayerNorm(w)
         self.proj = nn.Linear(w, cfg.embed_dim, bias=False)
@@ -298,7 +312,7 @@ class GroupingModel(nn.Module):
             sim = group_similarity(t["groups"], t["present"], groups, present)
             losses["contrastive"] = cfg.contrastive_weight * group_contrastive(sim, owner, ok, self.scale())
         if cfg.recon_weight > 0:
-            h = self.recon(t["hidden"], t["present"], c)
+            h = self.recon(t["hidden"], c)
             where = t["assignable"] & ok[:, None]
             logits = h[where] @ self.text.tok.weight.T
             losses["recon"] = cfg.recon_weight * F.cross_entropy(logits, flat[where])

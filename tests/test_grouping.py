@@ -51,6 +51,18 @@ def test_grouping_block_assigns_each_word_token_to_one_group_and_learns_the_assi
     block.eval()  # no noise: the argmax of the logits
     out = block(x, g, assignable)
     assert torch.equal(out["assign"][0].argmax(-1)[1:], out["logits"][0].argmax(-1)[1:])
+    # a group is made of its own tokens only: changing a token's value moves its group and no other
+    with torch.no_grad():
+        base = block(x, g, assignable)
+        t = 3
+        k = base["assign"][0, t].argmax().item()
+        x2 = x.clone()
+        x2[0, t] += 0.01 * torch.randn(16)
+        moved = block(x2, g, assignable)
+    assert torch.equal(moved["assign"], base["assign"])  # a small change: the same assignment
+    others = [j for j in range(4) if j != k and base["present"][0, j]]
+    assert others and torch.allclose(moved["groups"][0, others], base["groups"][0, others], atol=1e-6)
+    assert not torch.allclose(moved["groups"][0, k], base["groups"][0, k])
 
 
 def _brute(groups, phrases, thr):
