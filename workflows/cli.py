@@ -187,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval_pairs)
 
-    from .model_cli import add_commands
-    add_commands(sub)
+    from . import evalcmd, model_cli
+    model_cli.add_commands(sub)
+    evalcmd.add_commands(sub)
     return p
 
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"longcap: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except ValueError as e:  # bad checkpoints, model names, shard lists: named, without a traceback
-        if type(e).__name__ not in ("CheckpointError", "TrainConfigError"):
+        if type(e).__name__ not in ("CheckpointError", "TrainConfigError", "DatasetError"):
             raise
         print(f"longcap: {e}", file=sys.stderr)
         return EXIT_CONFIG
