@@ -55,7 +55,7 @@ def run_eval(model, spec: EvalSpec, device: str = "cpu") -> dict:
                       batch_size=spec.batch_size, where=spec.where or None)
     was_training = model.training
     out = {"retrieval": retrieval(model, encode_shards(model, spec.urls, data, device))}
-    if spec.truth:
+    if spec.truth and model.cfg.part_loss:  # grounding needs the trained attention pooling
         out["grounding"] = synthetic_grounding(model, spec.urls, read_truth(spec.truth), data, device)
     model.train(was_training)
     return out

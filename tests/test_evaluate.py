@@ -340,3 +340,65 @@ def test_eval_cli_writes_results_and_records_broken_images(tmp_path, tiny_ckpt, 
 
     rc = main(["eval", str(tiny_ckpt), "dci", "--root", str(tmp_path / "nothing")])
     assert rc == 2 and "densely_captioned_images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["flair-tiny", "ablate-tiny-no-part", "caft-tiny"])
+def test_heatmaps_of_every_grounding_row(name):
+    """FLAIR (flat ViT: attention over patches) and -part-level (over superpixels) paint heat maps too."""
+    from model.evaluate import text_heatmaps
+
+    torch.manual_seed(0)
+    model = build(name).eval()
+    image = torch.randn(1, 3, 64, 64)
+    heat = text_heatmaps(model, image, ["a red circle", "a blue square"])
+    assert heat.shape == (2, 64, 64)
+    # attention weights painted back: per pixel in [0, 1], and each map is constant on every superpixel
+    v = model.encode_image(image)
+    labels = v["labels"][0]
+    for q in range(2):
+        for s in labels.unique()[:10]:
+            vals = heat[q][labels == s]
+            assert torch.allclose(vals, vals[0].expand_as(vals))
+    assert (heat >= 0).all() and (heat <= 1).all() and not torch.allclose(heat[0], heat[1])
+
+
+def test_ablate_trains_every_row_with_the_same_section(world, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from tests.conftest import demo_config
+    from tests.test_train import world_shards
+    from workflows.evalcmd import row_config
+
+    run = tmp_path / "run"
+    world_shards(world, run / "export")
+    (run / "synth").mkdir()
+    shutil.copy(world / "truth.parquet", run / "synth" / "truth.parquet")
+    cfg = demo_config(run, train={"model": "caft-tiny", "steps": 3, "batch_size": 4, "warmup": 1, "workers": 0,
+                                  "n_sub": 3, "k_chunks": 2, "image_size": 56, "threads": 1, "tensorboard": False,
+                                  "epoch_samples": 8, "eval_where": {"split": "test"}})
+    (run / "run.yaml").write_text(yaml.safe_dump(cfg))
+    rc = main(["ablate", str(run), "--rows", "siglip-tiny,ablate-tiny-hloss", "--seeds", "0,1", "--steps", "2"])
+    assert rc == 0
+    t = json.loads((run / "ablation.json").read_text())
+    assert [r["row"] for r in t["rows"]] == ["siglip-tiny", "ablate-tiny-hloss"] and t["steps"] == 2
+    for r in t["rows"]:
+        assert r["seeds"] == [0, 1] and len(r["i2t_r1"]["values"]) == 2
+        vals = r["t2i_r1"]["values"]
+        assert r["t2i_r1"]["mean"] == pytest.approx(sum(vals) / 2)
+        assert r["t2i_r1"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+    siglip, caft = t["rows"]
+    assert siglip["miou"] is None and caft["miou"] is not None and 0 <= caft["miou"]["mean"] <= 1
+    # the flat-text row trains on one 77-token caption per image; the others keep the section's N and K
+    trained = json.loads(next((run / "ablation" / "siglip-tiny" / "seed-1").glob("step-*/train.json")).read_text())
+    assert (trained["n_sub"], trained["k_chunks"], trained["seed"], trained["steps"]) == (1, 1, 1, 2)
+    assert row_config(yaml_train(cfg), "ablate-tiny-hloss", 0, 2, "x").n_sub == 3
+    out = capsys.readouterr().out
+    assert "| siglip-tiny |" in out and "— |" in out
+
+
+def yaml_train(cfg):
+    from pipeline.config import load_config
+
+    return load_config(data=cfg).train
