@@ -43,7 +43,6 @@ class EvalSpec:
     where: dict = field(default_factory=dict)
     truth: str | None = None  # truth.parquet of a synthetic world
     image_size: int = 224
-    n_sub: int = 8
     k_chunks: int = 4
     batch_size: int = 32
 
@@ -51,7 +50,8 @@ class EvalSpec:
 def run_eval(model, spec: EvalSpec, device: str = "cpu") -> dict:
     from .evaluate import encode_shards, read_truth, retrieval, synthetic_grounding
 
-    data = DataConfig(image_size=spec.image_size, n_sub=spec.n_sub, k_chunks=spec.k_chunks, train=False,
+    # a text is one caption: its K balanced chunks (as `longcap eval`), no extra sub-captions
+    data = DataConfig(image_size=spec.image_size, n_sub=spec.k_chunks, k_chunks=spec.k_chunks, train=False,
                       batch_size=spec.batch_size, where=spec.where or None)
     was_training = model.training
     out = {"retrieval": retrieval(model, encode_shards(model, spec.urls, data, device))}

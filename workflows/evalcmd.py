@@ -158,11 +158,14 @@ def ablate(run: str, size: str = "tiny", rows: list[str] | None = None, seeds: l
         for seed in seeds:
             tc = row_config(cfg.train, row, seed, steps, str(Path(run, "ablation", row, f"seed-{seed}")))
             t0 = time.time()
-            res = launch(tc, plan(tc, run))
+            p = dict(plan(tc, run), eval=None)  # evaluated below, exactly as `longcap eval ... synthetic`
+            res = launch(tc, p)
             if res.get("stopped") or res.get("step") != steps:
                 raise RuntimeError(f"ablation row {row} seed {seed} stopped at step {res.get('step')}; rerun to resume")
-            runs.append({"seed": seed, "eval": res["eval"], "seconds": round(time.time() - t0, 1)})
-            log.info("ablation %s seed %d: %s", row, seed, res["eval"])
+            seconds = round(time.time() - t0, 1)
+            ev = evaluate_checkpoint(tc.out, "synthetic", run, where=tc.eval_where or {"split": "test"})
+            runs.append({"seed": seed, "eval": ev, "train_seconds": seconds})
+            log.info("ablation %s seed %d: %s", row, seed, format_eval(ev))
         results.append(_row_summary(row, runs))
     return {"run": run, "steps": steps, "seeds": list(seeds), "size": size, "rows": results}
 
@@ -189,7 +192,7 @@ def _row_summary(row: str, runs: list[dict]) -> dict:
             "caftpp_i2t_r1": pick(("retrieval", "caftpp", "i2t_r1")),
             "caftpp_t2i_r1": pick(("retrieval", "caftpp", "t2i_r1")),
             "miou": pick(("grounding", "miou")), "n_test": runs[0]["eval"]["retrieval"]["n"],
-            "seconds": [r["seconds"] for r in runs], "runs": runs}
+            "train_seconds": [r["train_seconds"] for r in runs], "runs": runs}
 
 
 def format_ablation(t: dict) -> str:

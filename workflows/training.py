@@ -38,7 +38,7 @@ def plan(cfg, run_root: str | None = None) -> dict:
         world = max(cfg.processes, cfg.ray_workers, 1)
         # a resampled stream's "epoch" only sets how often the loader restarts: at least 50 batches
         epoch_samples = max(pq.read_metadata(index).num_rows // world, 50 * cfg.batch_size // world)
-    spec = EvalSpec(eval_urls, where=cfg.eval_where, truth=truth, image_size=cfg.image_size, n_sub=cfg.n_sub,
+    spec = EvalSpec(eval_urls, where=cfg.eval_where, truth=truth, image_size=cfg.image_size,
                     k_chunks=cfg.k_chunks)
     return {"shards": shards, "eval": spec, "out": out, "epoch_samples": epoch_samples}
 
