@@ -90,16 +90,18 @@ def _synthetic(model, run: str | None, where: dict | None, size: int, k: int, ba
     return out
 
 
+def retrieval_lines(ret: dict) -> list[str]:
+    return [f"  {kind:<7} image->text R@1 {ret[kind]['i2t_r1']:.3f} R@5 {ret[kind]['i2t_r5']:.3f}   "
+            f"text->image R@1 {ret[kind]['t2i_r1']:.3f} R@5 {ret[kind]['t2i_r5']:.3f}"
+            for kind in ("whole", "part", "caftpp") if kind in ret]
+
+
 def format_eval(r: dict) -> str:
     lines = [f"{r['dataset']}: {r['model']} ({r['checkpoint']}), {r['image_size']} px, {r.get('seconds')} s"]
     ret = r.get("retrieval")
     if ret:
         lines.append(f"retrieval over {ret['n']} images / {ret['n_texts']} texts (chance R@1 {ret['chance_r1']:.4f})")
-        for kind in ("whole", "part", "caftpp"):
-            if kind in ret:
-                m = ret[kind]
-                lines.append(f"  {kind:<7} image->text R@1 {m['i2t_r1']:.3f} R@5 {m['i2t_r5']:.3f}   "
-                             f"text->image R@1 {m['t2i_r1']:.3f} R@5 {m['t2i_r5']:.3f}")
+        lines += retrieval_lines(ret)
     if r.get("text"):
         lines.append(f"  text: {r['text']}")
     g = r.get("grounding")
