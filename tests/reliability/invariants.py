@@ -35,7 +35,8 @@ def no_duplicates_and_nothing_lost(run_dir: Path) -> dict:
     """Per shard: every stage's output has each row id once and exactly the keys the download saw;
     export tars hold each key once, and index.parquet is exactly the exported keys. Returns rows per stage."""
     rows = Counter()
-    for f in sorted((run_dir / "images").glob("*.parquet")):
+    images = Path(RunDir(str(run_dir)).images())  # this run's, or the earlier run's with input.images_from
+    for f in sorted(images.glob("*.parquet")):
         keys = pq.read_table(f, columns=["key"])["key"].to_pylist()
         assert not _dupes(keys), f"duplicate keys in {f}: {_dupes(keys)}"
         rows["images"] += len(keys)
