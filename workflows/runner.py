@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,14 +44,37 @@ def ensure_ray(cfg: Config) -> None:
                  runtime_env=rc.runtime_env, log_to_driver=True)
 
 
+def die_with_raylet() -> None:
+    """(Linux) This worker gets SIGKILL when the raylet that started it dies. A local Ray's raylet dies with the
+    driver, but its workers (each in its own process group) lived on for about 30 s after `longcap run` was
+    killed: long enough to commit an output. Called by every task and actor before any work; on a cluster
+    a worker whose raylet is gone is lost anyway."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            alive = b"raylet" in f.read()
+    except OSError:
+        alive = False
+    if not alive or os.getppid() != parent:  # the raylet died before prctl: this worker was orphaned
+        os._exit(1)
+
+
 @ray.remote(max_retries=0)
 def _shard_task(stage: str, cfg: Config, root: str, base_url, shard: int) -> dict:
+    die_with_raylet()
     return run_worker(WORKERS[stage](cfg, root, base_url), shard)
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class _StageActor:
     def __init__(self, stage: str, cfg: Config, root: str, base_url):
+        die_with_raylet()
         self.worker = WORKERS[stage](cfg, root, base_url)
 
     def run(self, shard: int) -> dict:
