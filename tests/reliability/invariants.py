@@ -15,8 +15,9 @@ from workflows.status import run_status
 
 ROW_KEYS = {"captions": ("key", "captioner", "prompt_id"), "sentences": ("key", "captioner", "prompt_id"),
             "regions": ("key",), "regions-caft": ("key",), "export": ("key",), "images": ("key",)}
-# Columns that measure time, not data: left out of content hashes (the rest must be identical).
-VOLATILE = {"captions": {"latency_s"}}
+# Left out of content hashes (the rest must be identical): columns that measure time, and the plan's list of
+# input files (absolute paths: the synthetic world lives in the run directory).
+VOLATILE = {"captions": {"latency_s"}, "plan.json": {"sources"}}
 
 
 def accounted(run_dir: Path, total: int) -> dict:
@@ -68,7 +69,7 @@ def tar_members(path: Path) -> list[str]:
 
 def content_hashes(run_dir: Path) -> dict[str, str]:
     """sha256 of every stage output's content: parquet rows sorted by their id (time columns left out),
-    each tar member, JSON files. Not hashed: run.yaml (holds run.dir), manifest.json and img2dataset's
+    each tar member, other files (plan.json without its input paths). Not hashed: run.yaml (holds run.dir), manifest.json and img2dataset's
     *_stats.json (timings), the synthetic world (the input)."""
     out = {}
     for f in sorted(run_dir.rglob("*")):
@@ -88,6 +89,9 @@ def content_hashes(run_dir: Path) -> dict[str, str]:
             with tarfile.open(f) as tf:
                 for m in sorted(tf.getmembers(), key=lambda m: m.name):
                     h.update(m.name.encode() + b"\0" + tf.extractfile(m).read())
+        elif f.name in VOLATILE:
+            doc = json.loads(f.read_text())
+            h.update(json.dumps({k: v for k, v in doc.items() if k not in VOLATILE[f.name]}, sort_keys=True).encode())
         else:
             h.update(f.read_bytes())
         out[rel] = h.hexdigest()

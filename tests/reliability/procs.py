@@ -7,12 +7,12 @@ from pathlib import Path
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, session id), or None if the process is gone."""
+    """(parent pid, session id), or None if the process is gone (or a zombie waiting to be reaped)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(fields[1]), int(fields[3])
+    return None if fields[0] in "ZX" else (int(fields[1]), int(fields[3]))
 
 
 def cmdline(pid: int) -> str:
