@@ -14,6 +14,7 @@ from invariants import accounted, no_duplicates_and_nothing_lost
 from workflows.cli import main
 from workflows.serve import serve
 
+pytestmark = pytest.mark.slow  # whole runs: 30-70 s on 2 cores
 N_OK = 10
 # caption of ok/<i>.jpg (the `source` captioner reads it) -> what the sentences stage must make of it
 CAPTIONS = [

@@ -18,6 +18,7 @@ from procs import descendant_named
 from workflows.cli import main
 from workflows.serve import serve
 
+pytestmark = pytest.mark.slow  # whole runs: 30-70 s on 2 cores
 N_OK, SHARD = 15, 8  # 15 keys x 2 prompts: the seeds reach every fault kind
 CLEAN_REQUESTS = []  # requests the caption server got during the clean run
 URLS = [f"ok/{i}.jpg" for i in range(N_OK)] + ["missing.jpg", "html.jpg"]
