@@ -39,16 +39,16 @@ def ensure_ray(cfg: Config) -> None:
         STARTED_HERE.append(True)
     if rc.address:
         ray.init(address=rc.address, runtime_env=rc.runtime_env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=False,
-                 runtime_env=rc.runtime_env, log_to_driver=True)
+    else:  # every worker of the local Ray dies with it, from its start (before it can take any work)
+        env = {"worker_process_setup_hook": "workflows.runner.die_with_raylet", **(rc.runtime_env or {})}
+        ray.init(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=False, runtime_env=env,
+                 log_to_driver=True)
 
 
 def die_with_raylet() -> None:
-    """(Linux) This worker gets SIGKILL when the raylet that started it dies. A local Ray's raylet dies with the
-    driver, but its workers (each in its own process group) lived on for about 30 s after `longcap run` was
-    killed: long enough to commit an output. Called by every task and actor before any work; on a cluster
-    a worker whose raylet is gone is lost anyway."""
+    """(Linux) This worker gets SIGKILL when the raylet that started it dies: the worker_process_setup_hook of
+    the local Ray that `longcap run` starts. Ray kills that raylet with the driver, but its workers (each in its
+    own process group) lived on for about 30 s after `longcap run` was killed: long enough to commit an output."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -67,14 +67,12 @@ def die_with_raylet() -> None:
 
 @ray.remote(max_retries=0)
 def _shard_task(stage: str, cfg: Config, root: str, base_url, shard: int) -> dict:
-    die_with_raylet()
     return run_worker(WORKERS[stage](cfg, root, base_url), shard)
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class _StageActor:
     def __init__(self, stage: str, cfg: Config, root: str, base_url):
-        die_with_raylet()
         self.worker = WORKERS[stage](cfg, root, base_url)
 
     def run(self, shard: int) -> dict:

@@ -62,14 +62,8 @@ def run_until_killed(cfg: Path, run_dir: Path, how: str, when: float, log) -> in
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     at_kill = committed(run_dir)
-    # The raylet dies with the driver, and each worker that took work with the raylet (one killed while it was
-    # still importing exits once it gets there, before any work).
-    end = time.time() + 30
-    while True:
-        working = {pid: c[:100] for pid in in_session(proc.pid) if not is_idle_ray_worker(c := cmdline(pid))}
-        if not working or time.time() > end:
-            break
-        time.sleep(0.1)
+    time.sleep(2)  # the raylet dies with the driver, every worker that could have taken work with the raylet
+    working = {pid: c[:100] for pid in in_session(proc.pid) if not is_idle_ray_worker(c := cmdline(pid))}
     assert not working, f"processes of the killed run survived it: {working}"
     assert committed(run_dir) == at_kill, "a process of the killed run committed an output after the kill"
     for pid in in_session(proc.pid):  # workers still booting: they exit by themselves once they find the
@@ -80,7 +74,8 @@ def run_until_killed(cfg: Path, run_dir: Path, how: str, when: float, log) -> in
 
 
 def is_idle_ray_worker(cmd: str) -> bool:
-    """A Ray worker that never ran longcap code: still booting (not yet retitled 'ray::...') or idle."""
+    """A Ray worker that cannot have run longcap code: still booting (not yet retitled 'ray::...', or not yet
+    past its setup hook, which kills it when the raylet is gone) or idle."""
     return cmd.startswith("ray::IDLE") or "ray/_private/workers/default_worker.py" in cmd
 
 
