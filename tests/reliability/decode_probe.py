@@ -3,7 +3,6 @@ decompression bombs; prints JSON {step: [outcome, peak RSS growth in MB]}. Used 
 
 from __future__ import annotations
 
-import io
 import json
 import resource
 import sys
