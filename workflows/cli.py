@@ -70,7 +70,9 @@ def cmd_run(args) -> int:
     for (stage, shard), why in sorted(result.blocked.items()):
         print(f"NOT RUN {stage} shard {shard_name(shard)}: {why}", file=sys.stderr)
     names = sorted({shard_name(s) for _, s in list(result.failed) + list(result.blocked)})
-    failed_stages = sorted({st for st, _ in result.failed} | {st for st, _ in result.blocked}, key=ORDER.index)
+    first = min(ORDER.index(st) for st, _ in list(result.failed) + list(result.blocked))
+    selected = [s for s in ORDER if s in (stages or cfg.run.stages) and not (s == "download" and cfg.input.images_from)]
+    failed_stages = [s for s in selected if ORDER.index(s) >= first]  # and the stages after them, to finish
     print(f"\n{len(names)} shard(s) did not finish. After fixing the cause, rerun them with:\n"
           f"  longcap run {run.root} --stages {','.join(failed_stages)} --shards {','.join(names)}",
           file=sys.stderr)
