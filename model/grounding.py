@@ -34,3 +34,18 @@ def grounding_mask(heat: torch.Tensor) -> torch.Tensor:
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     union = (a | b).sum().item()
     return (a & b).sum().item() / union if union else 1.0
+
+
+@torch.no_grad()
+def image_heatmaps(model, image, texts: list[str], size: int, device: str = "cpu") -> torch.Tensor:
+    """Heat maps [len(texts), size, size] of sub-captions over one PIL image, in the model's input geometry
+    (short side resized to `size`, centre crop), each text encoded as a caption of one sub-caption."""
+    from .data import image_transform, tokenize
+
+    if not texts:
+        raise ValueError("no texts to ground")
+    x = image_transform(size)(image.convert("RGB")).unsqueeze(0).to(device)
+    tokens = tokenize(list(texts)).unsqueeze(1).to(device)
+    ones = torch.ones(len(texts), 1, dtype=torch.bool, device=device)
+    sub = model.encode_text(tokens, ones, ones)["sub"][:, 0]
+    return model.heatmap(model.encode_image(x), sub).float().cpu()

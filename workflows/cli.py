@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .model_cli import add_commands
     add_commands(sub)
+    from . import report; report.add_commands(sub)  # noqa: E702 - report, ground
     return p
 
 
