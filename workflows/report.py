@@ -25,7 +25,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 
-from pipeline.download import read_images_meta, shard_name
+from pipeline.download import shard_name
 from pipeline.storage import atomic_write_bytes, exists, read_table
 from . import report_html as H
 from .rundir import RunDir
@@ -66,7 +66,7 @@ def heat_overlay(image, heat, alpha: float = 0.55):
     left, top = (w - m) // 2, (h - m) // 2
     heat = torch.as_tensor(heat, dtype=torch.float32)
     mask = grounding_mask(heat).numpy()
-    hm = np.asarray(Image.fromarray(minmax(heat).numpy().astype(np.float32), mode="F").resize((m, m), Image.BILINEAR))
+    hm = np.asarray(Image.fromarray(minmax(heat).numpy().astype(np.float32)).resize((m, m), Image.BILINEAR))
     mk = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((m, m), Image.NEAREST)) > 127
     base = np.asarray(image, dtype=np.float32) / 255.0
     out = base * 0.35  # outside the crop: dimmed
@@ -126,6 +126,13 @@ def _rows(run: RunDir, folder: str, shards: list[int], columns: list[str]) -> li
     return out if found else None
 
 
+def _spread(items: list, n: int) -> list:
+    """n items spread evenly over a list (all of them when n <= 0 or the list is shorter), in order."""
+    if n <= 0 or len(items) <= n:
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 def _done(run: RunDir, folder: str, shards: list[int]) -> int:
     return sum(exists(run.path(folder, f"{shard_name(s)}.parquet")) for s in shards)
 
@@ -133,9 +140,10 @@ def _done(run: RunDir, folder: str, shards: list[int]) -> int:
 class Ctx:
     """What the section builders share: the run, its shards, the output folder and the figures written."""
 
-    def __init__(self, run: RunDir, out: Path):
+    def __init__(self, run: RunDir, out: Path, shards: list[int], stat_shards: int = 0):
         self.run, self.out, self.img = run, out, out / "img"
-        self.shards = _shards(run)
+        self.shards = shards
+        self.sample = _spread(shards, stat_shards)  # the shards statistics are read from
         self.images_written: list[str] = []
         self.counts: dict = {}
         self.status: dict | None = None
@@ -183,10 +191,13 @@ def sec_overview(c: Ctx) -> str:
     c.status = st
     snap = c.run.load_snapshot() or {}
     caps = [f"{x.get('name')} ({x.get('backend')})" for x in snap.get("captioners") or []]
-    parts = [H.table(["", ""], [["run directory", c.run.root], ["shards", st["shards"]], ["input URLs", st["urls"]],
-                                 ["configured stages", ", ".join((snap.get("run") or {}).get("stages") or [])],
-                                 ["captioners", ", ".join(caps)],
-                                 ["training", (snap.get("train") or {}).get("model") or "not configured"]])]
+    sampled = (f"{len(c.sample)} of {len(c.shards)} shards, spread over the run" if len(c.sample) < len(c.shards)
+               else f"all {len(c.shards)} shards")
+    parts = [H.table(None, [["run directory", c.run.root], ["shards", st["shards"]], ["input URLs", st["urls"]],
+                            ["configured stages", ", ".join((snap.get("run") or {}).get("stages") or [])],
+                            ["captioners", ", ".join(caps)],
+                            ["training", (snap.get("train") or {}).get("model") or "not configured"],
+                            ["statistics (captions, quality, regions) from", sampled]], tid="run")]
     rows = []
     for stage, info in st["stages"].items():
         rows.append([stage, info["shards_done"], info["shards_failed"], info["shards_pending"],
@@ -227,8 +238,8 @@ def _captioner_of(r: dict) -> str:
 
 
 def sec_captions(c: Ctx) -> str:
-    caps = _rows(c.run, "captions", c.shards, ["captioner", "prompt_id", "text", "status"])
-    sents = _rows(c.run, "sentences", c.shards, ["captioner", "n_sentences", "n_words", "status", "excluded"])
+    caps = _rows(c.run, "captions", c.sample, ["captioner", "prompt_id", "text", "status"])
+    sents = _rows(c.run, "sentences", c.sample, ["captioner", "n_sentences", "n_words", "status", "excluded"])
     if caps is None and sents is None:
         return H.not_run("no captions/ or sentences/ in this run")
     parts = []
@@ -280,7 +291,7 @@ def sec_captions(c: Ctx) -> str:
 
 
 def sec_quality(c: Ctx) -> str:
-    sents = _rows(c.run, "sentences", c.shards, ["captioner", "flags", "exclude_reasons", "stripped", "status"])
+    sents = _rows(c.run, "sentences", c.sample, ["captioner", "flags", "exclude_reasons", "stripped", "status"])
     if sents is None:
         return H.not_run("no sentences/ in this run (quality flags are raised by the sentences stage)")
     flags, excl, stripped, total = defaultdict(Counter), defaultdict(Counter), defaultdict(Counter), Counter()
@@ -331,7 +342,7 @@ def sec_regions(c: Ctx) -> str:
     fig = _figure(10, 2.6 * len(stages) + 0.4)
     axes = fig.subplots(len(stages), 2, squeeze=False)
     for i, (folder, label) in enumerate(stages):
-        data = _rows(c.run, folder, c.shards, ["key", "regions", "matches", "status"]) or []
+        data = _rows(c.run, folder, c.sample, ["key", "regions", "matches", "status"]) or []
         ok = [r for r in data if r["status"] == "ok" and r["regions"] is not None]
         per_image = [len(r["regions"]) for r in ok]
         sources = Counter((g["source"] or "?").split(":")[0] for r in ok for g in r["regions"])
@@ -386,16 +397,15 @@ def sec_gallery(c: Ctx, n: int) -> str:
         return H.not_run("no regions/ in this run: no boxes or matched sentences to show")
     folder, label = stages[-1]  # regions-caft when the run has it
     cands = []
-    for s in c.shards:
-        p = c.run.path(folder, f"{shard_name(s)}.parquet")
-        if not exists(p):
-            continue
-        for r in read_table(p, ["key", "regions", "matches", "status"]).to_pylist():
+    done = [s for s in c.shards if exists(c.run.path(folder, f"{shard_name(s)}.parquet"))]
+    for s in _spread(done, n):  # at most n shards are read
+        for r in read_table(c.run.path(folder, f"{shard_name(s)}.parquet"),
+                            ["key", "regions", "matches", "status"]).to_pylist():
             if r["status"] == "ok" and r["regions"] and r["matches"]:
                 cands.append((s, r))
     with_pairs = [x for x in cands if any(m["kept"] for m in x[1]["matches"])]
     pool = with_pairs if len(with_pairs) >= n else cands
-    chosen = [pool[i * len(pool) // n] for i in range(min(n, len(pool)))]  # spread over the run, deterministic
+    chosen = _spread(pool, n)  # spread over the run, deterministic
     by_shard = defaultdict(set)
     for s, r in chosen:
         by_shard[s].add(r["key"])
@@ -493,6 +503,8 @@ def sec_heatmaps(c: Ctx, n_images: int, n_texts: int = 3) -> str:
 
     models = [m for m in _models(c) if (m / "latest").exists()]
     c.counts["heatmaps"] = 0
+    if not c.run.is_local:
+        return H.not_run("heat maps are drawn for local run directories only (checkpoints load from local files)")
     if not models:
         return H.not_run("no trained model in models/ (training not run)")
     samples = _eval_samples(c, n_images)
@@ -532,6 +544,8 @@ def sec_training(c: Ctx) -> str:
     models = _models(c)
     curves = [(m, [r for r in _metrics(m) if "loss" in r]) for m in models]
     curves = [(m, rows) for m, rows in curves if rows]
+    if not c.run.is_local:
+        return H.not_run("training curves are read from local run directories only")
     if not curves:
         return H.not_run("no models/*/metrics.jsonl in this run (training not run)")
     parts = []
@@ -612,16 +626,20 @@ def sec_evaluation(c: Ctx) -> str:
 
 # ---------------------------------------------------------------- the report
 
-def write_report(root: str, gallery: int = 8, heat_images: int = 3) -> dict:
-    """Write RUN/report/index.html and its figures; returns the path and what was drawn."""
+def write_report(root: str, gallery: int = 8, heat_images: int = 3, stat_shards: int = 0) -> dict:
+    """Write RUN/report/index.html and its figures; returns the path and what was drawn.
+
+    stat_shards > 0: the statistics sections read that many shards spread over the run (large runs); the URL
+    accounting always covers every shard."""
     run = RunDir(root)
+    shards = _shards(run)  # before anything is written: a folder that is not a run is refused untouched
     remote = not run.is_local
     out = Path(tempfile.mkdtemp(prefix="longcap-report-")) if remote else Path(run.root, "report")
     img = out / "img"
     if img.exists():
         shutil.rmtree(img)  # only the report writes img/; figures of an earlier report go
     img.mkdir(parents=True)
-    c = Ctx(run, out)
+    c = Ctx(run, out, shards, stat_shards)
     builders = [("overview", "Run", sec_overview),
                 ("accounting", "Input URLs", sec_accounting),
                 ("captions", "Captions", sec_captions),
@@ -656,7 +674,7 @@ def write_report(root: str, gallery: int = 8, heat_images: int = 3) -> dict:
 # ---------------------------------------------------------------- commands
 
 def cmd_report(args) -> int:
-    res = write_report(args.run, gallery=args.gallery, heat_images=args.heat_images)
+    res = write_report(args.run, gallery=args.gallery, heat_images=args.heat_images, stat_shards=args.stat_shards)
     print(f"report: {res['index']}")
     print(f"  {len(res['images'])} figures, {res['gallery']} gallery images, {res['heatmaps']} heat maps"
           + (f"; not run: {', '.join(res['not_run'])}" if res["not_run"] else ""))
@@ -691,6 +709,8 @@ def add_commands(sub) -> None:
     r.add_argument("run")
     r.add_argument("--gallery", type=int, default=8, help="images in the gallery")
     r.add_argument("--heat-images", type=int, default=3, help="images with grounding heat maps (per model)")
+    r.add_argument("--stat-shards", type=int, default=0,
+                   help="statistics from this many shards spread over the run (default 0: all); accounting uses all")
     r.set_defaults(fn=cmd_report)
 
     g = sub.add_parser("ground", help="heat map PNG of a text over an image, from a trained CAFT checkpoint")

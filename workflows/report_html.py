@@ -76,9 +76,10 @@ def cell(v) -> str:
     return f'<td class="n">{esc(fmt(v))}</td>' if num else f"<td>{esc(fmt(v))}</td>"
 
 
-def table(header: list[str], rows: list[list], tid: str | None = None, total: list | None = None) -> str:
-    out = [f'<table id="{esc(tid)}">' if tid else "<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header)
-           + "</tr>"]
+def table(header: list[str] | None, rows: list[list], tid: str | None = None, total: list | None = None) -> str:
+    out = [f'<table id="{esc(tid)}">' if tid else "<table>"]
+    if header is not None:
+        out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
     for r in rows:
         out.append("<tr>" + "".join(cell(v) for v in r) + "</tr>")
     if total is not None:
