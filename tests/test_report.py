@@ -167,7 +167,7 @@ def test_report_of_a_full_run(full_run, full_report, capsys):
 
 
 @pytest.mark.slow
-def test_report_of_a_run_without_regions_or_training(full_run, full_report, tmp_path, capsys):
+def test_report_of_a_run_without_regions_or_training(full_run, tmp_path, capsys):
     run = tmp_path / "bare"
     shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("models", "regions", "regions-caft", "report",
                                                                  "eval", "ablation.json"))
