@@ -416,7 +416,11 @@ def sec_gallery(c: Ctx, n: int) -> str:
     for s, r in chosen:
         if r["key"] not in data:
             continue
-        im = decode_image(data[r["key"]], MAX_PIXELS)
+        try:
+            im = decode_image(data[r["key"]], MAX_PIXELS)
+        except Exception as e:  # noqa: BLE001 - a bad image costs only its card
+            log.warning("report: gallery image %s skipped: %s", r["key"], e)
+            continue
         scale = 384 / max(im.size)
         if scale < 1:
             im = im.resize((round(im.width * scale), round(im.height * scale)))
@@ -431,7 +435,7 @@ def sec_gallery(c: Ctx, n: int) -> str:
                 x0, y0, x1, y1 = g["box"]
                 draw.rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=colour, width=3)
                 items.append(f'<li><span class="swatch" style="background:{colour}"></span>{text} '
-                             f'<span class="note">[{H.esc(g["source"])}, {m["score"]:.3f}]</span></li>')
+                             f'<span class="note">[{H.esc(g["source"])}, {H.esc(H.fmt(m["score"]))}]</span></li>')
             else:
                 items.append(f'<li class="unpaired"><span class="swatch" style="background:#fff"></span>{text} '
                              '<span class="note">[no region kept]</span></li>')
