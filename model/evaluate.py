@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.chunking import balanced_chunks, chunk_texts
 
 from .data import DataConfig, dataset, decode_image, image_transform, selected, tokenize
-from .grounding import grounding_mask, iou
+from .grounding import grounding_mask, iou, text_heatmaps
 
 
 def recall_at_k(sim: torch.Tensor, image_of_text: torch.Tensor, ks=(1, 5)) -> dict:
@@ -131,16 +131,6 @@ def synthetic_grounding(model, urls: list[str], truth: dict, data: DataConfig, d
     if not ious:
         raise ValueError("no synthetic object sentences to ground (is the truth table for these shards?)")
     return {"miou": float(np.mean(ious)), "n": len(ious), "baseline_whole_image_miou": float(np.mean(whole_ious))}
-
-
-@torch.no_grad()
-def text_heatmaps(model, image: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """Each text as its own one-chunk caption, its attention over one image [1,3,S,S] painted to pixels: [Q,S,S]."""
-    device = image.device
-    tokens = tokenize(texts).unsqueeze(1).to(device)
-    ones = torch.ones(len(texts), 1, dtype=torch.bool, device=device)
-    sub = model.encode_text(tokens, ones, ones)["sub"][:, 0]
-    return model.heatmap(model.encode_image(image), sub)
 
 
 def _mask_to(mask: np.ndarray, size: int) -> torch.Tensor:

@@ -345,7 +345,7 @@ def test_eval_cli_writes_results_and_records_broken_images(tmp_path, tiny_ckpt, 
 @pytest.mark.parametrize("name", ["flair-tiny", "ablate-tiny-no-part", "caft-tiny"])
 def test_heatmaps_of_every_grounding_row(name):
     """FLAIR (flat ViT: attention over patches) and -part-level (over superpixels) paint heat maps too."""
-    from model.evaluate import text_heatmaps
+    from model.grounding import text_heatmaps
 
     torch.manual_seed(0)
     model = build(name).eval()

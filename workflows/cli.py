@@ -189,9 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval_pairs)
 
-    from . import evalcmd, model_cli
+    from . import evalcmd, model_cli, report
     model_cli.add_commands(sub)
     evalcmd.add_commands(sub)
+    report.add_commands(sub)  # report, ground
     return p
 
 
