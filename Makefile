@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/longcap run configs/demo.yaml
 	$(BIN)/longcap eval-pairs runs/demo
+	$(BIN)/longcap eval runs/demo/models/caft-tiny synthetic --run runs/demo
+	$(BIN)/longcap report runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

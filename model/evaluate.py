@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.chunking import balanced_chunks, chunk_texts
+
 from .data import DataConfig, dataset, decode_image, image_transform, selected, tokenize
-from .grounding import grounding_mask, iou
+from .grounding import grounding_mask, iou, text_heatmaps
 
 
 def recall_at_k(sim: torch.Tensor, image_of_text: torch.Tensor, ks=(1, 5)) -> dict:
@@ -58,23 +60,36 @@ def encode_shards(model, urls: list[str], data: DataConfig, device: str = "cpu")
 
 
 @torch.no_grad()
-def retrieval(model, enc: dict, alpha: float | None = None, block: int = 64) -> dict:
-    """R@1/R@5 both ways for the whole, part and CAFT++ scores (part scores need the part loss)."""
-    n = len(enc["keys"])
-    img = F.normalize(enc["cls"], dim=-1)
-    whole = img @ F.normalize(enc["whole"], dim=-1).T
-    truth = torch.arange(n)
-    out = {"n": n, "chance_r1": 1.0 / n, "whole": recall_at_k(whole.cpu(), truth)}
+def part_scores(model, enc: dict, img_block: int = 32, txt_block: int = 256) -> torch.Tensor:
+    """[n_img, n_txt] mean over each text's sub-captions of the grounded-feature similarity (blocked both ways:
+    grounded features are [img, txt, N, D])."""
+    sub, valid, parts = F.normalize(enc["sub"], dim=-1), enc["valid"], enc["parts"]
+    rows = []
+    for i in range(0, parts.shape[0], img_block):
+        cols = []
+        for t in range(0, sub.shape[0], txt_block):
+            g = F.normalize(model.ground(enc["sub"][t:t + txt_block], parts[i:i + img_block]), dim=-1)
+            per_sub = (g * sub[t:t + txt_block].unsqueeze(0)).sum(-1)
+            m = valid[t:t + txt_block].unsqueeze(0).to(per_sub.dtype)
+            cols.append((per_sub * m).sum(-1) / m.sum(-1).clamp_min(1))
+        rows.append(torch.cat(cols, 1))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def retrieval(model, enc: dict, alpha: float | None = None) -> dict:
+    """R@1/R@5 both ways for the whole, part and CAFT++ scores (part scores need the part loss).
+
+    enc: "cls"/"parts" per image, "whole"/"sub"/"valid" per text, and "image_of_text" when a text's image is
+    not the one at its own index (several captions per image)."""
+    n_img, n_txt = enc["cls"].shape[0], enc["whole"].shape[0]
+    truth = enc.get("image_of_text")
+    truth = torch.arange(n_txt) if truth is None else torch.as_tensor(truth)
+    whole = F.normalize(enc["cls"], dim=-1) @ F.normalize(enc["whole"], dim=-1).T
+    out = {"n": n_img, "n_texts": n_txt, "chance_r1": 1.0 / n_img, "whole": recall_at_k(whole.cpu(), truth)}
     if model.cfg.part_loss:
         a = model.cfg.alpha if alpha is None else alpha
-        sub, valid = F.normalize(enc["sub"], dim=-1), enc["valid"]
-        rows = []
-        for s in range(0, n, block):  # images in blocks: grounded features are [img, txt, N, D]
-            g = F.normalize(model.ground(enc["sub"], enc["parts"][s:s + block]), dim=-1)
-            per_sub = (g * sub.unsqueeze(0)).sum(-1)
-            m = valid.unsqueeze(0).to(per_sub.dtype)
-            rows.append((per_sub * m).sum(-1) / m.sum(-1).clamp_min(1))
-        part = torch.cat(rows)
+        part = part_scores(model, enc)
         out["part"] = recall_at_k(part.cpu(), truth)
         out["caftpp"] = recall_at_k(((1 - a) * whole + a * part).cpu(), truth)
         out["alpha"] = a
@@ -106,10 +121,7 @@ def synthetic_grounding(model, urls: list[str], truth: dict, data: DataConfig, d
         objs = [s for s in row["sentences"] if s["kind"] == "object" and len(s["objects"]) == 1]
         if not objs:
             continue
-        tokens = tokenize([s["text"] for s in objs]).unsqueeze(1).to(device)  # each sentence its own caption
-        ones = torch.ones(len(objs), 1, dtype=torch.bool, device=device)
-        sub = model.encode_text(tokens, ones, ones)["sub"][:, 0]
-        heat = model.heatmap(model.encode_image(image), sub)  # [Q,H,W]
+        heat = text_heatmaps(model, image, [s["text"] for s in objs])
         for q, s in enumerate(objs):
             gt = _mask_to(decode_mask(s["mask_png"]), size)
             ious.append(iou(grounding_mask(heat[q].cpu()), gt))
@@ -136,3 +148,147 @@ def read_truth(path: str) -> dict:
     import pyarrow.parquet as pq
 
     return {r["id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+# ---------------------------------------------------------------- benchmark copies (model.evalsets)
+
+
+def token_count(text: str) -> int:
+    from open_clip.tokenizer import _tokenizer
+
+    return len(_tokenizer.encode(text))
+
+
+def caption_chunks(sentences: list[str], k: int, context_length: int = 77, max_chunks: int = 16) -> tuple[list[str], int]:
+    """Balanced chunks of K groups of sentences; a chunk longer than the context is split again (by sentences,
+    then by words), never cut. Returns (chunks, words dropped): words are dropped only past max_chunks."""
+    room = context_length - 2  # start and end tokens
+    out = []
+    for text in chunk_texts(sentences, balanced_chunks(len(sentences), k)):
+        if token_count(text) <= room:
+            out.append(text)
+            continue
+        piece = []
+        for word in text.split():  # greedy: as many words as fit
+            if piece and token_count(" ".join(piece + [word])) > room:
+                out.append(" ".join(piece))
+                piece = []
+            piece.append(word)
+        if piece:
+            out.append(" ".join(piece))
+    dropped = sum(len(c.split()) for c in out[max_chunks:])
+    return out[:max_chunks], dropped
+
+
+def split_captions(captions: list[str], nlp_name: str = "blank:en") -> list[list[str]]:
+    from pipeline.sentences import load_nlp, split_docs
+
+    return [[text[a:b] for a, b, *_ in spans] for text, (spans, _) in zip(captions, split_docs(captions,
+                                                                                              load_nlp(nlp_name)))]
+
+
+def text_inputs(captions: list[str], k: int, flat: bool, max_chunks: int = 16, context_length: int = 77) -> dict:
+    """Tokens [T,C,77] + masks for captions. Hierarchical/FLAIR models: balanced chunks (no truncation).
+    Flat models (one 77-token caption): the caption truncated, and the number truncated counted."""
+    if flat:
+        chunks = [[c] for c in captions]
+        truncated = sum(token_count(c) > context_length - 2 for c in captions)
+        dropped = None
+    else:
+        pairs = [caption_chunks(s or [c], k, context_length, max_chunks) for s, c in
+                 zip(split_captions(captions), captions)]
+        chunks = [p[0] for p in pairs]
+        truncated = sum(p[1] > 0 for p in pairs)
+        dropped = sum(p[1] for p in pairs)
+    n = max(len(c) for c in chunks)
+    tokens = torch.zeros(len(captions), n, context_length, dtype=torch.long)
+    valid = torch.zeros(len(captions), n, dtype=torch.bool)
+    for i, c in enumerate(chunks):
+        tokens[i, :len(c)] = tokenize(c, context_length)
+        valid[i, :len(c)] = True
+    return {"tokens": tokens, "valid": valid, "chunks": chunks, "truncated": truncated, "words_dropped": dropped}
+
+
+def _load_image(path: str, size: int, max_pixels: int):
+    with open(path, "rb") as f:
+        return image_transform(size)(decode_image(f.read(), max_pixels))
+
+
+@torch.no_grad()
+def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, device: str = "cpu",
+               max_pixels: int = 89_478_485) -> dict:
+    """Encode an EvalSet: every image once (unreadable ones skipped with their reason, with their texts), every
+    caption in balanced chunks (flat baselines: truncated at 77 tokens, counted)."""
+    model.eval()
+    cls, parts, ok = [], [], []
+    skipped = list(es.skipped)
+    for s in range(0, len(es.images), batch_size):
+        batch, idx = [], []
+        for i in range(s, min(s + batch_size, len(es.images))):
+            try:
+                batch.append(_load_image(es.images[i], image_size, max_pixels))
+                idx.append(i)
+            except Exception as e:  # noqa: BLE001 - a missing or broken image is recorded, not fatal
+                skipped.append({"item": es.images[i], "reason": f"{type(e).__name__}: {e}"})
+        if batch:
+            v = model.encode_image(torch.stack(batch).to(device))
+            cls.append(v["cls"])
+            parts.append(v["parts"])
+            ok += idx
+    if not ok:
+        raise ValueError(f"{es.name}: no image could be read (first: {skipped[0]['reason'] if skipped else '-'})")
+    new_index = {old: new for new, old in enumerate(ok)}
+    keep = [t for t, i in enumerate(es.image_of_text) if i in new_index]
+    caps = [es.captions[t] for t in keep]
+    flat = model.cfg.whole_depth == 0 and not model.cfg.part_loss
+    max_chunks = getattr(getattr(model.text, "chunk_pos", None), "shape", [16])[0]
+    whole, sub, valid = [], [], []
+    truncated, dropped = 0, 0
+    for s in range(0, len(caps), batch_size):
+        t = text_inputs(caps[s:s + batch_size], 1 if flat else k_chunks, flat, max_chunks)
+        truncated += t["truncated"]
+        dropped += t["words_dropped"] or 0
+        tok, val = t["tokens"].to(device), t["valid"].to(device)
+        e = model.encode_text(tok, val, val)
+        whole.append(e["whole"])
+        sub.append(e["sub"])
+        valid.append(val)
+    n = max(x.shape[1] for x in sub)  # chunk counts differ between batches: pad
+    sub = torch.cat([F.pad(x, (0, 0, 0, n - x.shape[1])) for x in sub])
+    valid = torch.cat([F.pad(x, (0, n - x.shape[1])) for x in valid])
+    text_note = (f"flat text encoder: {truncated} of {len(caps)} captions truncated at 77 tokens" if flat else
+                 f"balanced chunks (K={k_chunks}), split again past 77 tokens; {truncated} captions needed more "
+                 f"than {max_chunks} chunks ({dropped} words dropped)")
+    return {"keys": [es.images[i] for i in ok], "cls": torch.cat(cls), "parts": torch.cat(parts),
+            "whole": torch.cat(whole), "sub": sub, "valid": valid,
+            "image_of_text": [new_index[es.image_of_text[t]] for t in keep], "skipped": skipped,
+            "text": text_note, "truncated": truncated}
+
+
+@torch.no_grad()
+def refer_grounding(model, items: list, image_size: int, device: str = "cpu", limit: int | None = None,
+                    max_pixels: int = 89_478_485) -> dict:
+    """mIoU of Otsu masks of referring expressions against the referred object's mask (RefCOCO-style),
+    in the model's view of the image (short side resized, centre crop). Baseline: the whole-image mask."""
+    from .evalsets import ref_mask
+
+    model.eval()
+    ious, whole_ious, skipped = [], [], []
+    for item in items[:limit]:
+        if not item.sentences:
+            skipped.append({"item": f"ref {item.ref_id}", "reason": "no sentences"})
+            continue
+        try:
+            image = _load_image(item.image, image_size, max_pixels).unsqueeze(0).to(device)
+        except Exception as e:  # noqa: BLE001
+            skipped.append({"item": item.image, "reason": f"{type(e).__name__}: {e}"})
+            continue
+        gt = _mask_to(ref_mask(item), image_size)
+        heat = text_heatmaps(model, image, item.sentences)
+        for q in range(len(item.sentences)):
+            ious.append(iou(grounding_mask(heat[q].cpu()), gt))
+            whole_ious.append(iou(torch.ones_like(gt), gt))
+    if not ious:
+        raise ValueError(f"no referring expression could be evaluated (skipped: {skipped[:3]})")
+    return {"miou": float(np.mean(ious)), "n": len(ious), "baseline_whole_image_miou": float(np.mean(whole_ious)),
+            "skipped": skipped}

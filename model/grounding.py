@@ -34,3 +34,27 @@ def grounding_mask(heat: torch.Tensor) -> torch.Tensor:
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     union = (a | b).sum().item()
     return (a & b).sum().item() / union if union else 1.0
+
+
+@torch.no_grad()
+def text_heatmaps(model, image: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """Each text as its own one-chunk caption, its attention over one image [1,3,S,S] painted to pixels: [Q,S,S]."""
+    from .data import tokenize
+
+    device = image.device
+    tokens = tokenize(list(texts)).unsqueeze(1).to(device)
+    ones = torch.ones(len(texts), 1, dtype=torch.bool, device=device)
+    sub = model.encode_text(tokens, ones, ones)["sub"][:, 0]
+    return model.heatmap(model.encode_image(image), sub)
+
+
+@torch.no_grad()
+def image_heatmaps(model, image, texts: list[str], size: int, device: str = "cpu") -> torch.Tensor:
+    """Heat maps [len(texts), size, size] of sub-captions over one PIL image, in the model's input geometry
+    (short side resized to `size`, centre crop)."""
+    from .data import image_transform
+
+    if not texts:
+        raise ValueError("no texts to ground")
+    x = image_transform(size)(image.convert("RGB")).unsqueeze(0).to(device)
+    return text_heatmaps(model, x, texts).float().cpu()

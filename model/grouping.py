@@ -378,7 +378,7 @@ class GroupingModel(nn.Module):
         from .evaluate import recall_at_k
 
         self.eval()
-        n_sub, k = (16, 16) if self.cfg.max_chunk == 1 else (spec.n_sub, spec.k_chunks)
+        n_sub, k = (16, 16) if self.cfg.max_chunk == 1 else (spec.k_chunks, spec.k_chunks)
         data = DataConfig(image_size=spec.image_size, n_sub=n_sub, k_chunks=k, train=False, batch_size=spec.batch_size,
                           where=spec.where or None, **self.data_options())
         keys, img, img_p, txt, txt_p, valid = [], [], [], [], [], []

@@ -75,5 +75,6 @@ def segments_to_pixels(labels: torch.Tensor, assignments: list[torch.Tensor]) ->
 
 def soft_map(labels: torch.Tensor, assignments: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Per-pixel value of segment weights [B, Tk] (e.g. attention over segments) through the composed soft map."""
-    per_token = compose(assignments) @ weights.unsqueeze(-1)  # [B, T0, 1]
-    return torch.gather(per_token.squeeze(-1), 1, labels.long().flatten(1)).view_as(labels).to(weights.dtype)
+    # no pooling levels (flat ViT, or parts = the superpixel tokens): the weights are per superpixel already
+    per_token = (compose(assignments) @ weights.unsqueeze(-1)).squeeze(-1) if assignments else weights  # [B, T0]
+    return torch.gather(per_token, 1, labels.long().flatten(1)).view_as(labels).to(weights.dtype)

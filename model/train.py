@@ -45,7 +45,6 @@ class EvalSpec:
     truth: str | None = None  # truth.parquet of a synthetic world
     phrases: str | None = None  # a local Flickr30K Entities copy (grouping models)
     image_size: int = 224
-    n_sub: int = 8
     k_chunks: int = 4
     batch_size: int = 32
 
@@ -58,11 +57,12 @@ def run_eval(model, spec: EvalSpec, device: str = "cpu") -> dict:
         out = model.evaluate(spec, device)
         model.train(was_training)
         return out
-    data = DataConfig(image_size=spec.image_size, n_sub=spec.n_sub, k_chunks=spec.k_chunks, train=False,
+    # a text is one caption: its K balanced chunks (as `longcap eval`), no extra sub-captions
+    data = DataConfig(image_size=spec.image_size, n_sub=spec.k_chunks, k_chunks=spec.k_chunks, train=False,
                       batch_size=spec.batch_size, where=spec.where or None)
     was_training = model.training
     out = {"retrieval": retrieval(model, encode_shards(model, spec.urls, data, device))}
-    if spec.truth:
+    if spec.truth and model.cfg.part_loss:  # grounding needs the trained attention pooling
         out["grounding"] = synthetic_grounding(model, spec.urls, read_truth(spec.truth), data, device)
     model.train(was_training)
     return out

@@ -91,7 +91,7 @@ class DownloadSection(Strict):
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100)
     threads: int = Field(32, ge=1, le=1024, description="HTTP threads per shard")
-    timeout: float = Field(10, gt=0, description="seconds per request")
+    timeout: float = Field(10, gt=0, description="seconds per request, connecting to last byte")
     retries: int = Field(0, ge=0)
     min_image_size: int = Field(0, ge=0)
     max_image_area: float = Field(89_478_485, gt=0, description="pixel limit, checked from the header before decoding")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 
 from .mllm import MLLMCaptioner, Request, Result, chat_messages
+from .storage import unpickler_reason
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -27,6 +29,9 @@ class HFCaptioner(MLLMCaptioner):
                 self.model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype).to(cfg.device)
         except (OSError, ValueError) as e:
             raise ValueError(f"captioner {cfg.name!r}: cannot load model {cfg.model!r}: {e}") from None
+        except pickle.UnpicklingError as e:  # a .bin with objects other than tensors (transformers: weights_only)
+            raise ValueError(f"captioner {cfg.name!r}: {cfg.model} has weights with objects other than tensors; "
+                             f"refused without unpickling them: {unpickler_reason(e)}") from None
         self.model.eval()
         self.processor.tokenizer.padding_side = "left"  # decoder-only generation pads on the left
         tok = self.processor.tokenizer

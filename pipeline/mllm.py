@@ -20,7 +20,7 @@ from PIL import Image
 
 from .quality import QualityChecker
 from .records import CAPTIONS, FAILED, OK, SKIPPED, download_reason, empty_row, key_seed, table
-from .sentences import decode_text, normalize
+from .sentences import decode_text, normalize, text_measures
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
@@ -104,10 +104,11 @@ def read_tar_images(tar_path: str, keys: set[str]) -> dict[str, bytes]:
 
 
 def caption_flags(checker: QualityChecker, text, finish_reason: str | None) -> list[str]:
-    """The sentences stage's quality flags of one caption (same normalisation, same checker)."""
+    """The sentences stage's quality flags of one caption (same normalisation, tokenizer and checker)."""
     raw, bad_utf8 = decode_text(text)
     body = normalize(raw)
-    return checker.flags(checker.measure(body, finish_reason), bad_utf8 or "\ufffd" in raw)
+    tokens = text_measures(body, checker.cfg.repetition_n)
+    return checker.flags(checker.measure(body, finish_reason, tokens), bad_utf8 or "\ufffd" in raw)
 
 
 class MLLMCaptioner:

@@ -109,9 +109,10 @@ def retry_after(resp) -> float | None:
 
 
 def parse_completion(resp, latency: float) -> Result:
-    """A chat.completion response -> Result; a malformed one is an error for this row."""
+    """A chat.completion response -> Result; a malformed one is an error for this row. Bytes that are not
+    UTF-8 become U+FFFD (the caption is kept and flagged invalid_utf8, as for source captions)."""
     try:
-        doc = resp.json()
+        doc = json.loads(resp.content.decode("utf-8", errors="replace"))
         choice = doc["choices"][0]
         text = choice["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError) as e:

@@ -142,6 +142,7 @@ def key_seed(run_seed: int, stage: str, key: str) -> int:
 
 _REASONS = [
     (re.compile(r"^blocked"), "blocked"),
+    (re.compile(r"redirect error that would lead to an infinite loop"), "redirect_loop"),
     (re.compile(r"HTTP Error (\d{3})"), "http_{0}"),
     (re.compile(r"timed out|timeout", re.I), "timeout"),
     (re.compile(r"not an image|cannot identify image", re.I), "not_an_image"),

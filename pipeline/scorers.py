@@ -8,9 +8,12 @@ Backends register in SCORERS by the config's `regions.scorer.backend`
 
 from __future__ import annotations
 
+import pickle
 from typing import Protocol
 
 import numpy as np
+
+from .storage import unpickler_reason
 
 
 class Scorer(Protocol):
@@ -48,6 +51,10 @@ class OpenClipScorer:
         except RuntimeError as e:
             raise ValueError(f"regions.scorer: cannot build open_clip model {cfg.model!r} "
                              f"(pretrained={cfg.pretrained!r}): {e}") from None
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met something other than tensors
+            raise ValueError(f"regions.scorer.pretrained: {cfg.pretrained} holds objects other than tensors; "
+                             f"refused without unpickling them (give a safetensors file or a plain state_dict): "
+                             f"{unpickler_reason(e)}") from None
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         self.batch_size = cfg.batch_size

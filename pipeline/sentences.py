@@ -16,7 +16,7 @@ import numpy as np
 
 import pyarrow as pa
 
-from .quality import QualityChecker
+from .quality import QualityChecker, alpha_fraction
 from .records import FAILED, OK, SENTENCES, SKIPPED, empty_row, table
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
@@ -106,14 +106,13 @@ def split_docs(texts: list[str], nlp, batch_size: int = 256, repetition_n: int =
 
 
 def token_measures(doc, n: int) -> dict:
-    """Word count, letters / visible characters, and the word n-gram repetition ratio, vectorised."""
-    from spacy.attrs import IS_ALPHA, IS_PUNCT, IS_SPACE, LENGTH, LOWER
+    """Word count, letters / visible characters (counted by character: "a." has one letter), and the word
+    n-gram repetition ratio, vectorised."""
+    from spacy.attrs import IS_PUNCT, IS_SPACE, LOWER
 
     if len(doc) == 0:
         return {"n_words": 0, "alpha_frac": 0.0, "repetition": 0.0}
-    arr = doc.to_array([IS_ALPHA, IS_PUNCT, IS_SPACE, LENGTH, LOWER])
-    alpha, punct, space, length, lower = arr.T
-    visible = length[space == 0].sum()
+    punct, space, lower = doc.to_array([IS_PUNCT, IS_SPACE, LOWER]).T
     words = lower[(space == 0) & (punct == 0)]
     rep = 0.0
     if len(words) >= n:
@@ -122,8 +121,12 @@ def token_measures(doc, n: int) -> dict:
             for i in range(n):
                 grams = grams * np.uint64(1_000_003) + words[i:len(words) - n + 1 + i]
         rep = 1.0 - len(np.unique(grams)) / len(grams)
-    return {"n_words": int(len(words)), "alpha_frac": float(length[alpha == 1].sum() / visible) if visible else 0.0,
-            "repetition": round(rep, 4)}
+    return {"n_words": int(len(words)), "alpha_frac": round(alpha_fraction(doc.text), 4), "repetition": round(rep, 4)}
+
+
+def text_measures(text: str, n: int) -> dict:
+    """token_measures of one text, tokenised only: the numbers the stage's split gives it."""
+    return token_measures(load_nlp("blank:en").make_doc(text), n)
 
 
 class SentenceSplitter:

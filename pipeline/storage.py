@@ -54,3 +54,9 @@ def remove_stale_tmp(folder: str) -> int:
     for f in stale:
         fs.rm(f, recursive=True)
     return len(stale)
+
+
+def unpickler_reason(e: Exception) -> str:
+    """The line of torch.load(weights_only=True)'s refusal that names what it refused."""
+    lines = str(e).splitlines()
+    return next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[-1] if lines else "")[:200]

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+
+from .storage import atomic_write_table
 
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star")
 COLOURS = {
@@ -368,7 +369,8 @@ BROKEN = (
 
 def write_world(out_dir: str | Path, families_n: int = 12, variants: int = 3, image_size: int = 256,
                 seed: int = 0, broken: bool = True) -> dict:
-    """Write images/, urls.parquet (relative url, caption, id, family, variant, split) and truth.parquet."""
+    """Write images/, urls.parquet (relative url, caption, id, family, variant, split) and truth.parquet.
+    truth.parquet is committed last, by rename: a world killed while being written is written again."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows, truth = [], []
@@ -389,6 +391,6 @@ def write_world(out_dir: str | Path, families_n: int = 12, variants: int = 3, im
         for ident, rel, _ in BROKEN:
             rows.append({"url": rel, "caption": "An image that cannot be fetched.", "id": ident,
                          "family": -1, "variant": -1, "split": "broken"})
-    pq.write_table(pa.Table.from_pylist(rows), out / "urls.parquet")
-    pq.write_table(pa.Table.from_pylist(truth), out / "truth.parquet")
+    atomic_write_table(str(out / "urls.parquet"), pa.Table.from_pylist(rows))
+    atomic_write_table(str(out / "truth.parquet"), pa.Table.from_pylist(truth))  # last: marks the world complete
     return {"dir": str(out), "images": len(truth), "urls": len(rows)}

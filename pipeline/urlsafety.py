@@ -6,13 +6,20 @@ target host is resolved and every address it resolves to must be allowed; the co
 the host again right before connecting. A name that resolves differently between that check and the
 connect (DNS rebinding within milliseconds) is not covered: put the crawler behind an egress firewall
 for that.
+
+The same connections also bound the whole response in time: headers and body must arrive within the
+request's timeout, so a server that sends its body one byte at a time (each read within the timeout)
+cannot hold a download thread for ever.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import ipaddress
 import socket
+import time
 import urllib.parse
 import urllib.request
 
@@ -56,6 +63,34 @@ def check_host(host: str, port: int | None, allow: tuple = ()) -> None:
                                  f"allow its network in download.allow_networks to fetch it")
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A response's socket reads, each waiting at most until the response's deadline."""
+
+    def __init__(self, raw, sock, deadline: float, timeout: float):
+        super().__init__()
+        self.raw, self.sock, self.deadline, self.timeout = raw, sock, deadline, timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"timed out: the response took longer than {self.timeout:g} s")
+        self.sock.settimeout(min(left, self.timeout))
+        return self.raw.readinto(b)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, deadline: float, timeout: float, **kw):
+        super().__init__(sock, *args, **kw)
+        self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline, timeout))
+
+
 def _guarded(base):
     class Guarded(base):
         allow: tuple = ()
@@ -64,6 +99,9 @@ def _guarded(base):
             if not getattr(self, "_tunnel_host", None):  # through a proxy the target was checked in *_open
                 check_host(self.host, self.port, self.allow)
             super().connect()
+            if isinstance(self.timeout, (int, float)):  # the whole response within the timeout
+                self.response_class = functools.partial(DeadlineResponse, deadline=time.monotonic() + self.timeout,
+                                                        timeout=self.timeout)
     return Guarded
 
 

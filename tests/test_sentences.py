@@ -77,6 +77,20 @@ def test_non_utf8_bytes_are_decoded_and_flagged():
     assert decode_text("fine") == ("fine", False)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(TEXT | st.sampled_from(["12 34 56 78 90 a.", "a.", "don't stop", "x" * 50]), min_size=1, max_size=4))
+def test_captions_stage_flags_are_the_sentences_stage_flags(splitter, texts):
+    from pipeline.mllm import caption_flags
+
+    for raw, r in zip(texts, split(splitter, texts, finish="stop")):
+        assert caption_flags(splitter.quality, raw, "stop") == r["flags"], raw
+
+
+def test_alpha_fraction_counts_letters_not_alpha_tokens(splitter):
+    (r,) = split(splitter, ["12 34 56 78 90 a."])
+    assert r["alpha_frac"] == pytest.approx(1 / 12, abs=1e-4) and r["flags"] == ["non_alpha"]  # not "empty": it has a letter
+
+
 def test_quality_flags_measure_values(splitter):
     rows = split(splitter, [
         "The image shows a red cube on a wooden table next to a lamp.",

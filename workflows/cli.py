@@ -70,7 +70,9 @@ def cmd_run(args) -> int:
     for (stage, shard), why in sorted(result.blocked.items()):
         print(f"NOT RUN {stage} shard {shard_name(shard)}: {why}", file=sys.stderr)
     names = sorted({shard_name(s) for _, s in list(result.failed) + list(result.blocked)})
-    failed_stages = sorted({st for st, _ in result.failed} | {st for st, _ in result.blocked}, key=ORDER.index)
+    first = min(ORDER.index(st) for st, _ in list(result.failed) + list(result.blocked))
+    selected = [s for s in ORDER if s in (stages or cfg.run.stages) and not (s == "download" and cfg.input.images_from)]
+    failed_stages = [s for s in selected if ORDER.index(s) >= first]  # and the stages after them, to finish
     print(f"\n{len(names)} shard(s) did not finish. After fixing the cause, rerun them with:\n"
           f"  longcap run {run.root} --stages {','.join(failed_stages)} --shards {','.join(names)}",
           file=sys.stderr)
@@ -189,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval_pairs)
 
-    from .model_cli import add_commands
-    add_commands(sub)
+    from . import evalcmd, model_cli, report
+    model_cli.add_commands(sub)
+    evalcmd.add_commands(sub)
+    report.add_commands(sub)  # report, ground
     return p
 
 
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"longcap: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except ValueError as e:  # bad checkpoints, model names, shard lists: named, without a traceback
-        if type(e).__name__ not in ("CheckpointError", "TrainConfigError"):
+        if type(e).__name__ not in ("CheckpointError", "TrainConfigError", "DatasetError"):
             raise
         print(f"longcap: {e}", file=sys.stderr)
         return EXIT_CONFIG

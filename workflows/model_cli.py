@@ -54,17 +54,15 @@ def cmd_train(args) -> int:
 
 def format_result(result: dict) -> str:
     """Training summary with the held-out evaluation, chance levels stated."""
+    from .evalcmd import retrieval_lines
+
     lines = [f"trained to step {result.get('step')}" + (" (stopped early; rerun to resume)" if result.get("stopped") else "")
              + f"; checkpoint {result.get('checkpoint')}"]
     ev = result.get("eval") or {}
     r = ev.get("retrieval")
     if r:
         lines.append(f"held-out retrieval on {r['n']} images (chance R@1 = {r['chance_r1']:.3f}):")
-        for kind in ("whole", "part", "caftpp", "global", "groups"):
-            if kind in r:
-                m = r[kind]
-                lines.append(f"  {kind:<7} image->text R@1 {m['i2t_r1']:.3f} R@5 {m['i2t_r5']:.3f}   "
-                             f"text->image R@1 {m['t2i_r1']:.3f} R@5 {m['t2i_r5']:.3f}")
+        lines += retrieval_lines(r)
     for name, label in (("phrases", "synthetic phrases"), ("flickr30k_entities", "Flickr30K Entities phrases")):
         p = ev.get(name)
         if p:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,9 +39,30 @@ def ensure_ray(cfg: Config) -> None:
         STARTED_HERE.append(True)
     if rc.address:
         ray.init(address=rc.address, runtime_env=rc.runtime_env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=False,
-                 runtime_env=rc.runtime_env, log_to_driver=True)
+    else:  # every worker of the local Ray dies with it, from its start (before it can take any work)
+        env = {"worker_process_setup_hook": "workflows.runner.die_with_raylet", **(rc.runtime_env or {})}
+        ray.init(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=False, runtime_env=env,
+                 log_to_driver=True)
+
+
+def die_with_raylet() -> None:
+    """(Linux) This worker gets SIGKILL when the raylet that started it dies: the worker_process_setup_hook of
+    the local Ray that `longcap run` starts. Ray kills that raylet with the driver, but its workers (each in its
+    own process group) lived on for about 30 s after `longcap run` was killed: long enough to commit an output."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            alive = b"raylet" in f.read()
+    except OSError:
+        alive = False
+    if not alive or os.getppid() != parent:  # the raylet died before prctl: this worker was orphaned
+        os._exit(1)
 
 
 @ray.remote(max_retries=0)

@@ -39,7 +39,7 @@ def plan(cfg, run_root: str | None = None) -> dict:
         # a resampled stream's "epoch" only sets how often the loader restarts: at least 50 batches
         epoch_samples = max(pq.read_metadata(index).num_rows // world, 50 * cfg.batch_size // world)
     spec = EvalSpec(eval_urls, where=cfg.eval_where, truth=truth, phrases=cfg.eval_phrases, image_size=cfg.image_size,
-                    n_sub=cfg.n_sub, k_chunks=cfg.k_chunks)
+                    k_chunks=cfg.k_chunks)
     return {"shards": shards, "eval": spec, "out": out, "epoch_samples": epoch_samples}
 
 

@@ -1,0 +1,254 @@
+"""`longcap eval` (retrieval and grounding benchmarks) and `longcap ablate` (the paper-style ablation table)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+log = logging.getLogger("longcap.eval")
+
+
+def checkpoint_defaults(path: str) -> dict:
+    """image_size / k_chunks the model was trained with (the checkpoint's train.json), when known."""
+    from model.checkpoint import latest
+
+    p = Path(path)
+    ck = latest(p) if p.is_dir() else p.parent
+    train_json = Path(ck, "train.json") if ck else None
+    if train_json and train_json.exists():
+        cfg = json.loads(train_json.read_text())
+        return {"image_size": cfg.get("image_size", 224), "k_chunks": cfg.get("k_chunks", 4)}
+    return {"image_size": 224, "k_chunks": 4}
+
+
+def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, split: str | None = None,
+                        annotations: str | None = None, images: str | None = None, image_size: int | None = None,
+                        k_chunks: int | None = None, batch_size: int = 32, limit: int | None = None,
+                        device: str = "cpu", alpha: float | None = None, where: dict | None = None) -> dict:
+    from model import evalsets
+    from model.checkpoint import load_model
+    from model.evaluate import encode_set, refer_grounding, retrieval
+
+    model = load_model(checkpoint, device)
+    d = checkpoint_defaults(checkpoint)
+    size, k = image_size or d["image_size"], k_chunks or d["k_chunks"]
+    out = {"dataset": dataset, "checkpoint": str(checkpoint), "model": model.cfg.name,
+           "trained_steps": getattr(model, "trained_steps", None), "image_size": size, "k_chunks": k}
+    t0 = time.time()
+    if dataset == "synthetic":
+        out.update(_synthetic(model, root, where, size, k, batch_size, device))
+    elif dataset in evalsets.REFER_SETS:
+        items = evalsets.read_refer(_root(root, dataset), dataset, split or "val", images=images)
+        out["grounding"] = refer_grounding(model, items, size, device, limit)
+        out["split"] = split or "val"
+    else:
+        es = evalsets.retrieval_set(dataset, _root(root, dataset), split, annotations)
+        if limit:
+            es = _first_images(es, limit)
+        enc = encode_set(model, es, size, k, batch_size, device)
+        out["retrieval"] = retrieval(model, enc, alpha)
+        out["text"] = enc["text"]
+        out["skipped"] = enc["skipped"]
+        out["notes"] = es.notes
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def _root(root: str | None, dataset: str) -> str:
+    if not root:
+        raise FileNotFoundError(f"--root is required for {dataset}: the folder its local copy was unpacked into")
+    return root
+
+
+def _first_images(es, n: int):
+    from model.evalsets import EvalSet
+
+    keep = [t for t, i in enumerate(es.image_of_text) if i < n]
+    return EvalSet(es.name, es.images[:n], [es.captions[t] for t in keep], [es.image_of_text[t] for t in keep],
+                   es.notes + f"; first {n} images", es.skipped)
+
+
+def _synthetic(model, run: str | None, where: dict | None, size: int, k: int, batch_size: int, device: str) -> dict:
+    """The synthetic benchmark of a run: held-out families (default split=test) of export/, truth for grounding."""
+    from model.data import DataConfig, expand_shards
+    from model.evaluate import encode_shards, read_truth, retrieval, synthetic_grounding
+
+    if not run:
+        raise FileNotFoundError("synthetic evaluation needs --run RUN (a run with a synthetic input and export/)")
+    urls = expand_shards([f"{run}/export/*.tar"])
+    where = where if where is not None else {"split": "test"}
+    flat = model.cfg.whole_depth == 0 and not model.cfg.part_loss
+    data = DataConfig(image_size=size, n_sub=1 if flat else max(k, 1), k_chunks=1 if flat else k, train=False,
+                      batch_size=batch_size, where=where or None)
+    out = {"where": where, "retrieval": retrieval(model, encode_shards(model, urls, data, device))}
+    truth = Path(run, "synth", "truth.parquet")
+    if truth.exists() and model.cfg.part_loss:
+        out["grounding"] = synthetic_grounding(model, urls, read_truth(str(truth)), data, device)
+    return out
+
+
+def retrieval_lines(ret: dict) -> list[str]:
+    return [f"  {kind:<7} image->text R@1 {ret[kind]['i2t_r1']:.3f} R@5 {ret[kind]['i2t_r5']:.3f}   "
+            f"text->image R@1 {ret[kind]['t2i_r1']:.3f} R@5 {ret[kind]['t2i_r5']:.3f}"
+            for kind in ("whole", "part", "caftpp", "global", "groups") if kind in ret]
+
+
+def format_eval(r: dict) -> str:
+    lines = [f"{r['dataset']}: {r['model']} ({r['checkpoint']}), {r['image_size']} px, {r.get('seconds')} s"]
+    ret = r.get("retrieval")
+    if ret:
+        lines.append(f"retrieval over {ret['n']} images / {ret['n_texts']} texts (chance R@1 {ret['chance_r1']:.4f})")
+        lines += retrieval_lines(ret)
+    if r.get("text"):
+        lines.append(f"  text: {r['text']}")
+    g = r.get("grounding")
+    if g:
+        lines.append(f"grounding mIoU {g['miou']:.3f} over {g['n']} texts (whole-image mask "
+                     f"{g['baseline_whole_image_miou']:.3f})")
+    skipped = r.get("skipped", []) + (g or {}).get("skipped", [])
+    if skipped:
+        lines.append(f"  skipped {len(skipped)}: " + "; ".join(f"{s['item']}: {s['reason']}" for s in skipped[:5]))
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    where = dict(kv.split("=", 1) for kv in args.where) if args.where else None
+    r = evaluate_checkpoint(args.checkpoint, args.dataset, args.root or (args.run if args.dataset == "synthetic"
+                            else None), args.split, args.annotations, args.images, args.image_size, args.k_chunks,
+                            args.batch, args.limit, args.device, args.alpha, where)
+    out = args.out or (str(Path(args.run, "eval", f"{args.dataset}.json")) if args.run else None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(r, indent=2))
+    print(json.dumps(r, indent=2) if args.json else format_eval(r))
+    if out:
+        print(f"wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- ablation
+
+
+def row_config(base, row: str, seed: int, steps: int, out: str):
+    """The run's train section for one ablation row: same data, steps and schedule; flat-text rows get one
+    77-token caption (N = K = 1), as SigLIP trains."""
+    from model.caft import CONFIGS
+
+    c = CONFIGS[row]
+    flat = c.whole_depth == 0 and not c.part_loss
+    return base.model_copy(update={"model": row, "seed": seed, "steps": steps, "out": out, "eval_every": 0,
+                                   **({"n_sub": 1, "k_chunks": 1} if flat else {})})
+
+
+def ablate(run: str, size: str = "tiny", rows: list[str] | None = None, seeds: list[int] = (0,),
+           steps: int | None = None) -> dict:
+    from model.caft import ablation_names
+    from pipeline.config import load_config
+    from .training import launch, plan
+
+    cfg = load_config(str(Path(run, "run.yaml")))
+    if cfg.train is None:
+        raise FileNotFoundError(f"{run}/run.yaml has no train section: ablate trains each row with it")
+    names = rows or ablation_names(size)
+    steps = steps or cfg.train.steps
+    results = []
+    for row in names:
+        runs = []
+        for seed in seeds:
+            tc = row_config(cfg.train, row, seed, steps, str(Path(run, "ablation", row, f"seed-{seed}")))
+            t0 = time.time()
+            p = dict(plan(tc, run), eval=None)  # evaluated below, exactly as `longcap eval ... synthetic`
+            res = launch(tc, p)
+            if res.get("stopped") or res.get("step") != steps:
+                raise RuntimeError(f"ablation row {row} seed {seed} stopped at step {res.get('step')}; rerun to resume")
+            seconds = round(time.time() - t0, 1)
+            ev = evaluate_checkpoint(tc.out, "synthetic", run, where=tc.eval_where or {"split": "test"})
+            runs.append({"seed": seed, "eval": ev, "train_seconds": seconds})
+            log.info("ablation %s seed %d: %s", row, seed, format_eval(ev))
+        results.append(_row_summary(row, runs))
+    return {"run": run, "steps": steps, "seeds": list(seeds), "size": size, "rows": results}
+
+
+def _stats(xs: list[float]) -> dict | None:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
+
+
+def _row_summary(row: str, runs: list[dict]) -> dict:
+    def pick(path):
+        vals = []
+        for r in runs:
+            x = r["eval"]
+            for p in path:
+                x = (x or {}).get(p)
+            vals.append(x)
+        return _stats(vals)
+
+    return {"row": row, "seeds": [r["seed"] for r in runs],
+            "i2t_r1": pick(("retrieval", "whole", "i2t_r1")), "t2i_r1": pick(("retrieval", "whole", "t2i_r1")),
+            "caftpp_i2t_r1": pick(("retrieval", "caftpp", "i2t_r1")),
+            "caftpp_t2i_r1": pick(("retrieval", "caftpp", "t2i_r1")),
+            "miou": pick(("grounding", "miou")), "n_test": runs[0]["eval"]["retrieval"]["n"],
+            "train_seconds": [r["train_seconds"] for r in runs], "runs": runs}
+
+
+def format_ablation(t: dict) -> str:
+    def cell(s):
+        return "—" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
+
+    head = (f"ablation on {t['run']}: {t['steps']} steps, seeds {t['seeds']}, held-out images "
+            f"{t['rows'][0]['n_test'] if t['rows'] else 0} (mean ± std over seeds)")
+    lines = [head, "| row | I→T R@1 | T→I R@1 | CAFT++ I→T | CAFT++ T→I | grounding mIoU |", "|---|---|---|---|---|---|"]
+    for r in t["rows"]:
+        lines.append(f"| {r['row']} | {cell(r['i2t_r1'])} | {cell(r['t2i_r1'])} | {cell(r['caftpp_i2t_r1'])} | "
+                     f"{cell(r['caftpp_t2i_r1'])} | {cell(r['miou'])} |")
+    return "\n".join(lines)
+
+
+def cmd_ablate(args) -> int:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = args.rows.split(",") if args.rows else None
+    t = ablate(args.run, args.size, rows, seeds, args.steps)
+    out = args.out or str(Path(args.run, "ablation.json"))
+    Path(out).write_text(json.dumps(t, indent=2))
+    print(format_ablation(t))
+    print(f"wrote {out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    from model.evalsets import REFER_SETS, RETRIEVAL_SETS
+
+    names = [*RETRIEVAL_SETS, *REFER_SETS, "synthetic"]
+    e = sub.add_parser("eval", help="retrieval (R@1/R@5 both ways, whole/part/CAFT++) or grounding (mIoU) of a model")
+    e.add_argument("checkpoint", help="a training folder (its latest checkpoint) or a model .safetensors")
+    e.add_argument("dataset", choices=names, metavar="DATASET", help=", ".join(names))
+    e.add_argument("--root", help="the dataset's local copy (published layout; see model/evalsets.py)")
+    e.add_argument("--run", help="a run directory: synthetic data from it, results written to RUN/eval/DATASET.json")
+    e.add_argument("--split", help="dci: all|train|valid|test; docci: test; refcoco*: val|testA|testB|test")
+    e.add_argument("--annotations", help="sharegpt4v: the annotation JSON if not under --root")
+    e.add_argument("--images", help="refcoco*: the COCO train2014 image folder if not under --root")
+    e.add_argument("--where", nargs="*", help="synthetic: extra=value filters (default split=test)")
+    e.add_argument("--image-size", type=int, help="default: the size the checkpoint was trained at")
+    e.add_argument("--k-chunks", type=int, help="sub-captions in the whole caption (default: as trained)")
+    e.add_argument("--alpha", type=float, help="CAFT++ weight of the part score (default: the model's)")
+    e.add_argument("--limit", type=int, help="the first N images (retrieval) or refs (grounding)")
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--out", help="result JSON (default with --run: RUN/eval/DATASET.json)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    a = sub.add_parser("ablate", help="train every ablation row with a run's train section; the paper-style table")
+    a.add_argument("run", help="a finished run directory (export/ + run.yaml with a train section)")
+    a.add_argument("--size", default="tiny", choices=["tiny", "b16"])
+    a.add_argument("--rows", help="comma-separated config names (default: siglip, flair and the ablation rows)")
+    a.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    a.add_argument("--steps", type=int, help="default: the run's train.steps")
+    a.add_argument("--out", help="default: RUN/ablation.json")
+    a.set_defaults(fn=cmd_ablate)
