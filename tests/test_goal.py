@@ -196,7 +196,7 @@ def test_goal_trains_end_to_end_from_a_config_and_reloads(world, tmp_path, capsy
     from model.checkpoint import load_model
     from workflows.cli import main
 
-    urls = region_shards(world, tmp_path / "shards")
+    urls = region_shards(world, tmp_path / "run" / "export")
     out = tmp_path / "goal"
     cfg = tiny_train(model="goal-tiny", shards=urls, out=str(out), eval_where={"split": "test"},
                      train_where={"split": "train"}).model_dump(mode="json")
@@ -218,6 +218,14 @@ def test_goal_trains_end_to_end_from_a_config_and_reloads(world, tmp_path, capsy
 
     saved = load_file(str(out / "step-0000003" / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    # longcap eval gives the same held-out retrieval as training's last evaluation; other sets are refused by name
+    capsys.readouterr()
+    assert main(["eval", str(out), "synthetic", "--run", str(tmp_path / "run")]) == 0
+    again = json.loads((tmp_path / "run" / "eval" / "synthetic.json").read_text())["retrieval"]
+    assert again["n"] == 3 and again["global"] == pytest.approx(ev["global"])
+    assert "global" in capsys.readouterr().out
+    assert main(["eval", str(out), "docci", "--root", str(tmp_path)]) == 2
+    assert "evaluated on 'synthetic' only" in capsys.readouterr().err
     # a wrong image size is refused by name
     bad = tiny_train(model="goal-tiny", shards=urls, out=str(tmp_path / "bad"), image_size=96)
     from model.train import TrainConfigError, train

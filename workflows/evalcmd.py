@@ -38,7 +38,12 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, 
     out = {"dataset": dataset, "checkpoint": str(checkpoint), "model": model.cfg.name,
            "trained_steps": getattr(model, "trained_steps", None), "image_size": size, "k_chunks": k}
     t0 = time.time()
-    if dataset == "synthetic":
+    if hasattr(model, "evaluate"):  # GOAL, grouping: their own measures, on a run's held-out synthetic images
+        if dataset != "synthetic":
+            raise evalsets.DatasetError(f"{checkpoint}: a {model.cfg.name} model is evaluated on 'synthetic' only; the "
+                             f"{dataset} reader feeds CAFT-family models (caft-*, siglip-*, flair-*)")
+        out.update(_own_measures(model, root, where, size, k, batch_size, device))
+    elif dataset == "synthetic":
         out.update(_synthetic(model, root, where, size, k, batch_size, device))
     elif dataset in evalsets.REFER_SETS:
         items = evalsets.read_refer(_root(root, dataset), dataset, split or "val", images=images)
@@ -71,6 +76,21 @@ def _first_images(es, n: int):
                    es.notes + f"; first {n} images", es.skipped)
 
 
+def _own_measures(model, run: str | None, where: dict | None, size: int, k: int, batch_size: int,
+                  device: str) -> dict:
+    from model.data import expand_shards
+    from model.train import EvalSpec
+
+    if not run:
+        raise FileNotFoundError("synthetic evaluation needs --run RUN (a run with a synthetic input and export/)")
+    truth = Path(run, "synth", "truth.parquet")
+    where = where if where is not None else {"split": "test"}
+    spec = EvalSpec(expand_shards([f"{run}/export/*.tar"]), where=where, truth=str(truth) if truth.exists() else None,
+                    image_size=size, k_chunks=k, batch_size=batch_size)
+    model.eval()
+    return {"where": where, **model.evaluate(spec, device)}
+
+
 def _synthetic(model, run: str | None, where: dict | None, size: int, k: int, batch_size: int, device: str) -> dict:
     """The synthetic benchmark of a run: held-out families (default split=test) of export/, truth for grounding."""
     from model.data import DataConfig, expand_shards
@@ -100,7 +120,7 @@ def format_eval(r: dict) -> str:
     lines = [f"{r['dataset']}: {r['model']} ({r['checkpoint']}), {r['image_size']} px, {r.get('seconds')} s"]
     ret = r.get("retrieval")
     if ret:
-        lines.append(f"retrieval over {ret['n']} images / {ret['n_texts']} texts (chance R@1 {ret['chance_r1']:.4f})")
+        lines.append(f"retrieval over {ret['n']} images / {ret.get('n_texts', ret['n'])} texts (chance R@1 {ret['chance_r1']:.4f})")
         lines += retrieval_lines(ret)
     if r.get("text"):
         lines.append(f"  text: {r['text']}")
