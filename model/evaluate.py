@@ -214,13 +214,11 @@ def _load_image(path: str, size: int, max_pixels: int):
         return image_transform(size)(decode_image(f.read(), max_pixels))
 
 
-@torch.no_grad()
-def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, device: str = "cpu",
-               max_pixels: int = 89_478_485) -> dict:
-    """Encode an EvalSet: every image once (unreadable ones skipped with their reason, with their texts), every
-    caption in balanced chunks (flat baselines: truncated at 77 tokens, counted)."""
-    model.eval()
-    cls, parts, ok = [], [], []
+def encode_images(es, image_size: int, encode, batch_size: int = 32, device: str = "cpu",
+                  max_pixels: int = 89_478_485) -> tuple[list, list[int], list[dict]]:
+    """Every image of an EvalSet through `encode` (a batch [B,3,S,S] -> its outputs) in batches; unreadable ones
+    are skipped with their reason. Returns (outputs per batch, indices of the encoded images, skipped)."""
+    outs, ok = [], []
     skipped = list(es.skipped)
     for s in range(0, len(es.images), batch_size):
         batch, idx = [], []
@@ -231,12 +229,21 @@ def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, 
             except Exception as e:  # noqa: BLE001 - a missing or broken image is recorded, not fatal
                 skipped.append({"item": es.images[i], "reason": f"{type(e).__name__}: {e}"})
         if batch:
-            v = model.encode_image(torch.stack(batch).to(device))
-            cls.append(v["cls"])
-            parts.append(v["parts"])
+            outs.append(encode(torch.stack(batch).to(device)))
             ok += idx
     if not ok:
         raise ValueError(f"{es.name}: no image could be read (first: {skipped[0]['reason'] if skipped else '-'})")
+    return outs, ok, skipped
+
+
+@torch.no_grad()
+def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, device: str = "cpu",
+               max_pixels: int = 89_478_485) -> dict:
+    """Encode an EvalSet: every image once (unreadable ones skipped with their reason, with their texts), every
+    caption in balanced chunks (flat baselines: truncated at 77 tokens, counted)."""
+    model.eval()
+    outs, ok, skipped = encode_images(es, image_size, model.encode_image, batch_size, device, max_pixels)
+    cls, parts = [v["cls"] for v in outs], [v["parts"] for v in outs]
     new_index = {old: new for new, old in enumerate(ok)}
     keep = [t for t, i in enumerate(es.image_of_text) if i in new_index]
     caps = [es.captions[t] for t in keep]

@@ -2,6 +2,7 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import numpy as np
 import pytest
 import torch
@@ -224,8 +225,25 @@ def test_goal_trains_end_to_end_from_a_config_and_reloads(world, tmp_path, capsy
     again = json.loads((tmp_path / "run" / "eval" / "synthetic.json").read_text())["retrieval"]
     assert again["n"] == 3 and again["global"] == pytest.approx(ev["global"])
     assert "global" in capsys.readouterr().out
-    assert main(["eval", str(out), "docci", "--root", str(tmp_path)]) == 2
-    assert "evaluated on 'synthetic' only" in capsys.readouterr().err
+    # the same held-out images and captions in Urban-1k's layout: the same numbers through the benchmark reader
+    test = pq.read_table(world / "truth.parquet").to_pylist()  # every image: finer recall values than 3
+    for d in ("image", "caption"):
+        (tmp_path / "urban" / d).mkdir(parents=True)
+    for n, r in enumerate(test):
+        (tmp_path / "urban" / "image" / f"{n}.jpg").write_bytes((world / "images" / f"{r['id']}.jpg").read_bytes())
+        (tmp_path / "urban" / "caption" / f"{n}.txt").write_text(" ".join(x["text"] for x in r["sentences"]))
+    assert main(["eval", str(out), "urban-1k", "--root", str(tmp_path / "urban"), "--out",
+                 str(tmp_path / "urban.json")]) == 0
+    urban = json.loads((tmp_path / "urban.json").read_text())
+    from model.train import EvalSpec
+
+    whole = model.evaluate(EvalSpec(urls, image_size=64))["retrieval"]
+    assert urban["retrieval"]["n"] == whole["n"] == len(test) and 0 < whole["global"]["i2t_r1"] < 1
+    assert urban["retrieval"]["global"] == pytest.approx(whole["global"])
+    assert urban["truncated"] == 0 and f"stretch to 248 tokens; 0 of {len(test)} captions cut" in urban["text"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "refcoco", "--root", str(tmp_path)]) == 2
+    assert "not evaluated on refcoco" in capsys.readouterr().err
     # a wrong image size is refused by name
     bad = tiny_train(model="goal-tiny", shards=urls, out=str(tmp_path / "bad"), image_size=96)
     from model.train import TrainConfigError, train

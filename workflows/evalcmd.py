@@ -38,11 +38,12 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, 
     out = {"dataset": dataset, "checkpoint": str(checkpoint), "model": model.cfg.name,
            "trained_steps": getattr(model, "trained_steps", None), "image_size": size, "k_chunks": k}
     t0 = time.time()
-    if hasattr(model, "evaluate"):  # GOAL, grouping: their own measures, on a run's held-out synthetic images
-        if dataset != "synthetic":
-            raise evalsets.DatasetError(f"{checkpoint}: a {model.cfg.name} model is evaluated on 'synthetic' only; the "
-                             f"{dataset} reader feeds CAFT-family models (caft-*, siglip-*, flair-*)")
+    if hasattr(model, "evaluate") and dataset == "synthetic":  # GOAL, grouping: their own measures
         out.update(_own_measures(model, root, where, size, k, batch_size, device))
+    elif hasattr(model, "evaluate") and (dataset in evalsets.REFER_SETS or not hasattr(model, "evaluate_set")):
+        raise evalsets.DatasetError(f"{checkpoint}: a {model.cfg.name} model is not evaluated on {dataset}: "
+                                    f"GOAL models on 'synthetic' and the retrieval sets, grouping models on "
+                                    f"'synthetic' only")
     elif dataset == "synthetic":
         out.update(_synthetic(model, root, where, size, k, batch_size, device))
     elif dataset in evalsets.REFER_SETS:
@@ -53,10 +54,13 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, 
         es = evalsets.retrieval_set(dataset, _root(root, dataset), split, annotations)
         if limit:
             es = _first_images(es, limit)
-        enc = encode_set(model, es, size, k, batch_size, device)
-        out["retrieval"] = retrieval(model, enc, alpha)
-        out["text"] = enc["text"]
-        out["skipped"] = enc["skipped"]
+        if hasattr(model, "evaluate_set"):  # GOAL: global retrieval with its own long-text handling
+            out.update(model.evaluate_set(es, size, batch_size, device))
+        else:
+            enc = encode_set(model, es, size, k, batch_size, device)
+            out["retrieval"] = retrieval(model, enc, alpha)
+            out["text"] = enc["text"]
+            out["skipped"] = enc["skipped"]
         out["notes"] = es.notes
     out["seconds"] = round(time.time() - t0, 1)
     return out
