@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import AttentionPool, HierarchicalText, TextEncoder, VisionEncoder, init_weights, param_count
+from .encoders import (AttentionPool, HierarchicalText, TextEncoder, VisionEncoder, init_weights, param_count,
+                       set_grad_checkpointing)
 from .losses import LogitParams, part_sigmoid_loss, whole_sigmoid_loss
 from .pooling import soft_map
 
@@ -132,9 +133,7 @@ class CAFT(nn.Module):
         return losses
 
     def set_grad_checkpointing(self, on: bool = True) -> None:
-        for m in self.modules():
-            if hasattr(m, "grad_checkpointing"):
-                m.grad_checkpointing = on
+        set_grad_checkpointing(self, on)
 
     def clamp_logit_scales(self) -> None:
         with torch.no_grad():

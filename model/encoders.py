@@ -22,6 +22,13 @@ def blocks(dim: int, depth: int, heads: int) -> nn.ModuleList:
                                                     batch_first=True, norm_first=True) for _ in range(depth))
 
 
+def set_grad_checkpointing(model: nn.Module, on: bool = True) -> None:
+    """Turn recomputation in backward on/off for every submodule that supports it (run_blocks)."""
+    for m in model.modules():
+        if hasattr(m, "grad_checkpointing"):
+            m.grad_checkpointing = on
+
+
 def run_blocks(module: nn.Module, layers, x: torch.Tensor, **kw) -> torch.Tensor:
     """Apply transformer layers; with `module.grad_checkpointing` in training, recompute them in backward."""
     ckpt = getattr(module, "grad_checkpointing", False) and module.training and torch.is_grad_enabled()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import EOT, VOCAB, blocks, init_weights, param_count, run_blocks
+from .encoders import EOT, VOCAB, blocks, init_weights, param_count, run_blocks, set_grad_checkpointing
 
 
 @dataclass(frozen=True)
@@ -320,9 +320,7 @@ class GroupingModel(nn.Module):
         return losses
 
     def set_grad_checkpointing(self, on: bool = True) -> None:
-        for m in self.modules():
-            if hasattr(m, "grad_checkpointing"):
-                m.grad_checkpointing = on
+        set_grad_checkpointing(self, on)
 
     def clamp_logit_scales(self) -> None:
         with torch.no_grad():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-import webdataset as wds
 import yaml
 
+from localpairs_helpers import region_shards
 from model.caft import build
 from model.checkpoint import CheckpointError, load_model, load_state, read_model_file, save_checkpoint
 from model.train import gather_others, param_groups, warmup_cosine
@@ -22,22 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def world_shards(world, folder, per_shard=5):
     """Export-format shards (jpg + json with sentences and extra.split) from the synthetic world."""
-    rows = pq.read_table(world / "truth.parquet").to_pylist()
-    folder.mkdir(parents=True, exist_ok=True)
-    urls = []
-    for s in range(0, len(rows), per_shard):
-        path = folder / f"{s // per_shard:05d}-000.tar"
-        with wds.TarWriter(str(path)) as w:
-            for i, r in enumerate(rows[s:s + per_shard]):
-                key = f"{s // per_shard:05d}{i:04d}"
-                sents = [x["text"] for x in r["sentences"]]
-                doc = {"key": key, "captions": [{"captioner": "source", "prompt_id": "caption", "text": r["caption"],
-                                                 "sentences": sents}],
-                       "extra": {"id": r["id"], "split": r["split"], "family": r["family"]}}
-                w.write({"__key__": key, "jpg": (world / "images" / f"{r['id']}.jpg").read_bytes(),
-                         "json": json.dumps(doc).encode()})
-        urls.append(str(path))
-    return urls
+    return region_shards(world, folder, per_shard, regions=False)
 
 
 def tiny_cfg(**kw):
