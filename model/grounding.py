@@ -56,5 +56,8 @@ def image_heatmaps(model, image, texts: list[str], size: int, device: str = "cpu
 
     if not texts:
         raise ValueError("no texts to ground")
+    if getattr(model, "kind", "caft") != "caft":
+        raise ValueError(f"a {model.cfg.name} model ({model.kind}) has no sub-caption attention to draw: heat maps "
+                         f"come from CAFT-family models (caft-*, flair-*)")
     x = image_transform(size)(image.convert("RGB")).unsqueeze(0).to(device)
     return text_heatmaps(model, x, texts).float().cpu()

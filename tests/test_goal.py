@@ -244,6 +244,9 @@ def test_goal_trains_end_to_end_from_a_config_and_reloads(world, tmp_path, capsy
     capsys.readouterr()
     assert main(["eval", str(out), "refcoco", "--root", str(tmp_path)]) == 2
     assert "not evaluated on refcoco" in capsys.readouterr().err
+    img = tmp_path / "urban" / "image" / "0.jpg"
+    assert main(["ground", str(img), "a red ball", "--checkpoint", str(out), "--out", str(tmp_path / "h.png")]) == 2
+    assert "goal-tiny model (goal)" in capsys.readouterr().err and not (tmp_path / "h.png").exists()
     # a wrong image size is refused by name
     bad = tiny_train(model="goal-tiny", shards=urls, out=str(tmp_path / "bad"), image_size=96)
     from model.train import TrainConfigError, train

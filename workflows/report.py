@@ -521,6 +521,10 @@ def sec_heatmaps(c: Ctx, n_images: int, n_texts: int = 3) -> str:
         except Exception as e:  # noqa: BLE001 - a broken checkpoint is said, not fatal to the report
             parts.append(f'<p class="bad">{H.esc(folder.name)}: cannot load: {H.esc(e)}</p>')
             continue
+        if getattr(model, "kind", "caft") != "caft":
+            parts.append(f"<p>{H.esc(folder.name)}: a {H.esc(model.kind)} model; no sub-caption attention to draw "
+                         f"(its evaluation is under Evaluation)</p>")
+            continue
         size = checkpoint_image_size(folder)
         parts.append(f"<h3>{H.esc(folder.name)} <span class='note'>step {model.trained_steps}, "
                      f"input {size}px</span></h3>")
@@ -697,6 +701,9 @@ def cmd_ground(args) -> int:
                           "latest checkpoint) or a model .safetensors file")
     image = open_image(args.image)
     model = load_model(args.checkpoint, args.device)
+    if getattr(model, "kind", "caft") != "caft":
+        raise ConfigError(f"ground: {args.checkpoint} is a {model.cfg.name} model ({model.kind}); heat maps come "
+                          f"from CAFT-family checkpoints (caft-*, flair-*), which attend over image segments")
     size = args.size or checkpoint_image_size(args.checkpoint)
     [overlay] = ground_images(model, image, [args.text], size, args.device)
     buf = io.BytesIO()
