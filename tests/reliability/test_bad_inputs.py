@@ -65,8 +65,9 @@ def test_every_url_is_accounted_for_by_reason(faulty_run):
     from pipeline.records import download_reason
     for path, why in FAULTY:
         assert download_reason(got[path]["status"], got[path]["error_message"]) == why, (path, got[path])
-    # the slow body (one byte per 0.2 s of a JPEG) is cut at the timeout instead of holding its thread for minutes
-    assert seconds < 120 and len(GOOD[1]) * 0.2 > 300
+    # the slow body (one byte per 0.2 s of a JPEG) is cut at the timeout instead of holding its thread for minutes:
+    # the whole run ends before that one body could have been read (no tighter bound: CI machines are shared)
+    assert len(GOOD[1]) * 0.2 > 300 and seconds < len(GOOD[1]) * 0.2
 
 
 def test_no_key_is_lost_or_duplicated_in_any_stage(faulty_run):
