@@ -11,6 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from http_helpers import QuietHandler
 from pipeline.config import DownloadSection
 from pipeline.download import check_image, download_shard, make_key
 from pipeline.records import download_reason
@@ -36,20 +37,8 @@ def _bomb():
 BOMB = _bomb()
 
 
-class Faults(BaseHTTPRequestHandler):
+class Faults(QuietHandler):
     elsewhere = ""  # base URL of a second server on 127.0.0.2
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code, body=b"", ctype="image/jpeg", headers=()):
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         p = self.path

@@ -7,10 +7,11 @@ import io
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 from PIL import Image
+
+from http_helpers import QuietHandler
 
 
 def jpeg(seed: int, size=(96, 80)) -> bytes:
@@ -48,22 +49,10 @@ IMAGE_FAULTS = [
 ]
 
 
-class ImageFaults(BaseHTTPRequestHandler):
+class ImageFaults(QuietHandler):
     """GET /ok/<i>.jpg is a good JPEG; every IMAGE_FAULTS path fails in its own way; anything else is 404."""
 
     protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code, body=b"", ctype="image/jpeg", headers=()):
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         p = self.path.lstrip("/")
@@ -137,7 +126,7 @@ def good_caption(seed: int) -> str:
             f"A small red circle is in the middle. The background is plain white.")
 
 
-class CaptionFaults(BaseHTTPRequestHandler):
+class CaptionFaults(QuietHandler):
     """POST /v1/chat/completions. `gate` (when cleared) holds every request until it is set again; `arrived` is
     set when a request has come in: a test can kill the captioner while it waits for an answer."""
 
@@ -145,9 +134,6 @@ class CaptionFaults(BaseHTTPRequestHandler):
     gate = threading.Event()
     arrived = threading.Event()
     requests = 0
-
-    def log_message(self, *a):
-        pass
 
     def _send(self, code, body: bytes, ctype="application/json"):
         self.send_response(code)
