@@ -63,6 +63,7 @@ def test_run_accounts_for_every_url(clean_run, capsys):
     assert manifest["stages"]["captions"]["summary"]["samples_ok"] == 9
     snap = yaml.safe_load((clean_run / "run.yaml").read_text())
     assert snap["download"]["image_size"] == 128
+    assert not (clean_run / "images" / "_staging").exists()  # no empty staging folder left behind
 
 
 def test_source_captions_match_the_input(clean_run):

@@ -69,6 +69,15 @@ class RunDir:
             self.fs.rm(staging, recursive=True)
         return n
 
+    def drop_empty_staging(self) -> None:
+        """After the download loop: remove images/_staging when no shard is being downloaded into it."""
+        staging = f"{self._path}/images/_staging"
+        try:
+            if self.fs.exists(staging) and not self.fs.ls(staging):
+                self.fs.rmdir(staging)
+        except OSError:  # refilled meanwhile (another process on the same run): leave it
+            pass
+
     # ---------------------------------------------------------------- config snapshot
 
     def load_snapshot(self) -> dict | None:

@@ -159,6 +159,7 @@ class Runner:
         need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
         with (serve_folder(self.run.serve_dir(self.cfg)) if need_server else contextlib.nullcontext()) as base:
             self._loop(shards, pending, base, result)
+        self.run.drop_empty_staging()
         if "export" in self.stages:
             n = write_export_index(self.run, all_shards)
             if n is not None:
