@@ -559,9 +559,11 @@ def sec_training(c: Ctx) -> str:
     parts = []
     for folder, rows in curves:
         steps = [r["step"] for r in rows]
-        panels = [("loss", [k for k in ("loss", "whole", "part") if any(k in r for r in rows)]),
+        losses = ("loss", "whole", "part",  # CAFT; GOAL; grouping
+                  "global", "local", "tsl_image", "tsl_text", "contrastive", "recon")
+        panels = [("loss", [k for k in losses if any(k in r for r in rows)]),
                   ("learning rate", [k for k in ("lr",) if any(k in r for r in rows)]),
-                  ("logit scale", [k for k in ("scale_whole", "scale_part") if any(k in r for r in rows)]),
+                  ("logit scale", [k for k in ("scale_whole", "scale_part", "scale") if any(k in r for r in rows)]),
                   ("throughput", [k for k in ("samples_per_s",) if any(k in r for r in rows)])]
         panels = [(t, ks) for t, ks in panels if ks]
         fig = _figure(3.2 * len(panels), 2.8)
