@@ -305,3 +305,21 @@ def test_ground_errors_are_named(tiny_checkpoint, tmp_path, capsys):
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "not a decodable image" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_report_of_a_run_with_a_goal_model(full_run, tmp_path, capsys):
+    """A model kind without sub-caption attention: noted under heat maps, its own losses in the curves."""
+    from localpairs_helpers import tiny_train
+
+    run = tmp_path / "goal"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("models", "report", "eval", "ablation.json"))
+    cfg = tiny_train(model="goal-tiny", shards=[str(run / "export" / "*.tar")], out=str(run / "models" / "goal-tiny"),
+                     train_where={"split": "train"}, eval_where={"split": "test"}, steps=2, ckpt_every=2)
+    (tmp_path / "goal.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["train", str(tmp_path / "goal.yaml")]) == 0
+    html, out = report(run, capsys)
+    assert "goal-tiny: a goal model; no sub-caption attention to draw" in section(html, "heatmaps")
+    curves = section(html, "training")
+    assert "training curves of goal-tiny" in curves and all(k in curves for k in ("tsl_image", "tsl_text", "global"))
+    assert "Training evaluation: goal-tiny, step 2" in section(html, "evaluation")
+    check_images(run, html)
