@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: http_helpers
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pyarrow as pa  # noqa: E402
