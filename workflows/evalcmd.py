@@ -120,6 +120,21 @@ def retrieval_lines(ret: dict) -> list[str]:
             for kind in ("whole", "part", "caftpp", "global", "groups") if kind in ret]
 
 
+def phrase_lines(ev: dict, prefix: str = "") -> list[str]:
+    """Grouping models: tIoU/F1 of the discovered groups against phrases, next to the reference partitions."""
+    lines = []
+    for name, label in (("phrases", "synthetic phrases"), ("flickr30k_entities", "Flickr30K Entities phrases")):
+        p = ev.get(name)
+        if p:
+            base = p.get("baselines", {})
+            lines.append(f"{prefix}{label}: tIoU {p['tiou']:.3f}, F1 {p['f1']:.3f} (P {p['precision']:.3f}, "
+                         f"R {p['recall']:.3f}) over {p['n_phrases']} phrases in {p['n_texts']} texts"
+                         + (f"; one group per text: tIoU {base['one_group']['tiou']:.3f} F1 {base['one_group']['f1']:.3f}, "
+                            f"one word per group: tIoU {base['word_per_group']['tiou']:.3f} "
+                            f"F1 {base['word_per_group']['f1']:.3f}" if base else ""))
+    return lines
+
+
 def format_eval(r: dict) -> str:
     lines = [f"{r['dataset']}: {r['model']} ({r['checkpoint']}), {r['image_size']} px, {r.get('seconds')} s"]
     ret = r.get("retrieval")
@@ -128,6 +143,7 @@ def format_eval(r: dict) -> str:
         lines += retrieval_lines(ret)
     if r.get("text"):
         lines.append(f"  text: {r['text']}")
+    lines += phrase_lines(r)
     g = r.get("grounding")
     if g:
         lines.append(f"grounding mIoU {g['miou']:.3f} over {g['n']} texts (whole-image mask "

@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
 
 def format_result(result: dict) -> str:
     """Training summary with the held-out evaluation, chance levels stated."""
-    from .evalcmd import retrieval_lines
+    from .evalcmd import phrase_lines, retrieval_lines
 
     lines = [f"trained to step {result.get('step')}" + (" (stopped early; rerun to resume)" if result.get("stopped") else "")
              + f"; checkpoint {result.get('checkpoint')}"]
@@ -63,15 +63,7 @@ def format_result(result: dict) -> str:
     if r:
         lines.append(f"held-out retrieval on {r['n']} images (chance R@1 = {r['chance_r1']:.3f}):")
         lines += retrieval_lines(r)
-    for name, label in (("phrases", "synthetic phrases"), ("flickr30k_entities", "Flickr30K Entities phrases")):
-        p = ev.get(name)
-        if p:
-            base = p.get("baselines", {})
-            lines.append(f"held-out {label}: tIoU {p['tiou']:.3f}, F1 {p['f1']:.3f} (P {p['precision']:.3f}, "
-                         f"R {p['recall']:.3f}) over {p['n_phrases']} phrases in {p['n_texts']} texts"
-                         + (f"; one group per text: tIoU {base['one_group']['tiou']:.3f} F1 {base['one_group']['f1']:.3f}, "
-                            f"one word per group: tIoU {base['word_per_group']['tiou']:.3f} "
-                            f"F1 {base['word_per_group']['f1']:.3f}" if base else ""))
+    lines += phrase_lines(ev, "held-out ")
     g = ev.get("grounding")
     if g:
         lines.append(f"held-out grounding mIoU {g['miou']:.3f} over {g['n']} object sentences "
