@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.chunking import balanced_chunks, chunk_texts
+from pipeline.chunking import balanced_chunks
 
 from .data import DataConfig, dataset, decode_image, image_transform, selected, tokenize
 from .grounding import grounding_mask, iou, text_heatmaps
@@ -154,30 +154,48 @@ def read_truth(path: str) -> dict:
 
 
 def token_count(text: str) -> int:
-    from open_clip.tokenizer import _tokenizer
+    """CLIP BPE tokens of a text, without start/end (cached per text)."""
+    from .localdata import bpe_ids
 
-    return len(_tokenizer.encode(text))
+    return len(bpe_ids(text))
 
 
-def caption_chunks(sentences: list[str], k: int, context_length: int = 77, max_chunks: int = 16) -> tuple[list[str], int]:
-    """Balanced chunks of K groups of sentences; a chunk longer than the context is split again (by sentences,
-    then by words), never cut. Returns (chunks, words dropped): words are dropped only past max_chunks."""
-    room = context_length - 2  # start and end tokens
-    out = []
-    for text in chunk_texts(sentences, balanced_chunks(len(sentences), k)):
-        if token_count(text) <= room:
-            out.append(text)
-            continue
-        piece = []
-        for word in text.split():  # greedy: as many words as fit
-            if piece and token_count(" ".join(piece + [word])) > room:
-                out.append(" ".join(piece))
-                piece = []
-            piece.append(word)
-        if piece:
+def _pack(items: list[tuple[str, int]], room: int) -> list[str]:
+    """Greedy, in order: (text, tokens) items joined by spaces into pieces of at most `room` tokens."""
+    out, piece, used = [], [], 0
+    for text, n in items:
+        if piece and used + n > room:
             out.append(" ".join(piece))
-    dropped = sum(len(c.split()) for c in out[max_chunks:])
-    return out[:max_chunks], dropped
+            piece, used = [], 0
+        piece.append(text)
+        used += n
+    return out + ([" ".join(piece)] if piece else [])
+
+
+def caption_chunks(sentences: list[str], k: int, context_length: int = 77,
+                   max_chunks: int | None = 16) -> tuple[list[str], int]:
+    """Balanced chunks of K groups of sentences; a chunk longer than the context is split again at sentence
+    boundaries, and a sentence longer than the context by words, never cut. Returns (chunks, words dropped):
+    words are dropped past max_chunks (None: no limit), and a single word longer than the context counts as
+    dropped (the tokenizer cuts it)."""
+    room = context_length - 2  # start and end tokens
+    out, cut = [], 0
+    for a, b in balanced_chunks(len(sentences), k):
+        sents = [(t, token_count(t)) for t in sentences[a:b]]
+        if sum(n for _, n in sents) <= room:  # the usual case: the chunk as it is
+            out.append(" ".join(t for t, _ in sents))
+            continue
+        items = []  # sentences that fit, and the word pieces of those that do not
+        for t, n in sents:
+            if n <= room:
+                items.append((t, n))
+            else:
+                words = [(w, token_count(w)) for w in t.split()]
+                cut += sum(m > room for _, m in words)
+                items += [(piece, room) for piece in _pack(words, room)]  # a piece alone in its chunk
+        out += _pack(items, room)
+    keep = out if max_chunks is None else out[:max_chunks]
+    return keep, cut + sum(len(c.split()) for c in out[len(keep):])
 
 
 def split_captions(captions: list[str], nlp_name: str = "blank:en") -> list[list[str]]:
@@ -248,7 +266,8 @@ def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, 
     keep = [t for t, i in enumerate(es.image_of_text) if i in new_index]
     caps = [es.captions[t] for t in keep]
     flat = model.cfg.whole_depth == 0 and not model.cfg.part_loss
-    max_chunks = getattr(getattr(model.text, "chunk_pos", None), "shape", [16])[0]
+    pos = getattr(model.text, "chunk_pos", None)  # the whole-caption encoder's chunk positions; FLAIR: no limit
+    max_chunks = None if pos is None else pos.shape[0]
     whole, sub, valid = [], [], []
     truncated, dropped = 0, 0
     for s in range(0, len(caps), batch_size):
@@ -264,8 +283,8 @@ def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, 
     sub = torch.cat([F.pad(x, (0, 0, 0, n - x.shape[1])) for x in sub])
     valid = torch.cat([F.pad(x, (0, n - x.shape[1])) for x in valid])
     text_note = (f"flat text encoder: {truncated} of {len(caps)} captions truncated at 77 tokens" if flat else
-                 f"balanced chunks (K={k_chunks}), split again past 77 tokens; {truncated} captions needed more "
-                 f"than {max_chunks} chunks ({dropped} words dropped)")
+                 f"balanced chunks (K={k_chunks}), split again past 77 tokens; {truncated} captions lost words "
+                 f"({dropped} dropped: past {max_chunks or 'no'} chunk limit, or single words over 75 tokens)")
     return {"keys": [es.images[i] for i in ok], "cls": torch.cat(cls), "parts": torch.cat(parts),
             "whole": torch.cat(whole), "sub": sub, "valid": valid,
             "image_of_text": [new_index[es.image_of_text[t]] for t in keep], "skipped": skipped,

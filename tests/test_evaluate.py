@@ -134,6 +134,20 @@ def test_long_chunks_are_split_not_truncated():
     assert len(chunks) == 1 and dropped > 0
 
 
+def test_chunks_split_at_sentences_first_and_count_a_word_the_tokenizer_cuts():
+    sentences = [s.strip() + "." for s in LONG.split(".") if s.strip()]
+    chunks, dropped = caption_chunks(sentences, k=1)
+    assert [token_count(s) for s in sentences] == [38, 9, 10, 44]  # 101 tokens: over one context
+    assert chunks == [" ".join(sentences[:3]), sentences[3]] and dropped == 0  # whole sentences, greedily
+    words = ["word"] * 30 + ["x" * 400] + ["end"] * 3
+    chunks, dropped = caption_chunks([" ".join(words) + "."], k=1)
+    assert dropped == 1 and " ".join(chunks).split() == (" ".join(words) + ".").split()
+    # per-word counts add up to the joined text's count (CLIP's BPE works word by word)
+    assert sum(token_count(w) for w in LONG.split()) == token_count(LONG)
+    chunks, dropped = caption_chunks(sentences * 40, k=1, max_chunks=None)  # FLAIR: no chunk limit
+    assert dropped == 0 and len(chunks) > 16
+
+
 def test_flat_baselines_truncate_and_say_so():
     t = text_inputs([LONG, "A red circle."], k=4, flat=True)
     assert t["tokens"].shape == (2, 1, 77) and t["truncated"] == 1
