@@ -36,11 +36,26 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a & b).sum().item() / union if union else 1.0
 
 
+def cannot_ground(model) -> str | None:
+    """Why a model's attention maps mean nothing (None: they do). Only a CAFT-family model trained with the
+    part-level loss (CAFT, FLAIR, -part-level) has trained its sub-caption attention pooling."""
+    if getattr(model, "kind", "caft") != "caft":
+        return (f"a {model.cfg.name} model ({model.kind}) has no sub-caption attention to draw: heat maps come "
+                f"from CAFT-family models trained with the part loss (caft-*, flair-*)")
+    if not model.cfg.part_loss:
+        return (f"{model.cfg.name} is trained without the part-level loss: its attention pooling keeps its random "
+                f"initial weights, so its heat maps would mean nothing")
+    return None
+
+
 @torch.no_grad()
 def text_heatmaps(model, image: torch.Tensor, texts: list[str]) -> torch.Tensor:
     """Each text as its own one-chunk caption, its attention over one image [1,3,S,S] painted to pixels: [Q,S,S]."""
     from .data import tokenize
 
+    why = cannot_ground(model)
+    if why:
+        raise ValueError(why)
     device = image.device
     tokens = tokenize(list(texts)).unsqueeze(1).to(device)
     ones = torch.ones(len(texts), 1, dtype=torch.bool, device=device)
@@ -56,8 +71,5 @@ def image_heatmaps(model, image, texts: list[str], size: int, device: str = "cpu
 
     if not texts:
         raise ValueError("no texts to ground")
-    if getattr(model, "kind", "caft") != "caft":
-        raise ValueError(f"a {model.cfg.name} model ({model.kind}) has no sub-caption attention to draw: heat maps "
-                         f"come from CAFT-family models (caft-*, flair-*)")
     x = image_transform(size)(image.convert("RGB")).unsqueeze(0).to(device)
     return text_heatmaps(model, x, texts).float().cpu()

@@ -305,6 +305,17 @@ def test_ground_errors_are_named(tiny_checkpoint, tmp_path, capsys):
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "not a decodable image" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+    # a model whose attention pooling never trained (no part loss) draws nothing
+    import torch
+
+    from model.caft import build
+    from model.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "siglip", build("siglip-tiny"), {"step": 0}, {"image_size": 56})
+    assert main(["ground", str(img), "a red square", "--checkpoint", str(tmp_path / "siglip"),
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "without the part-level loss" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 def test_report_of_a_run_with_a_goal_model(full_run, tmp_path, capsys):
@@ -318,7 +329,7 @@ def test_report_of_a_run_with_a_goal_model(full_run, tmp_path, capsys):
     (tmp_path / "goal.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["train", str(tmp_path / "goal.yaml")]) == 0
     html, out = report(run, capsys)
-    assert "goal-tiny: a goal model; no sub-caption attention to draw" in section(html, "heatmaps")
+    assert "goal-tiny: no heat maps: a goal-tiny model (goal) has no sub-caption attention" in section(html, "heatmaps")
     curves = section(html, "training")
     assert "training curves of goal-tiny" in curves and all(k in curves for k in ("tsl_image", "tsl_text", "global"))
     assert "Training evaluation: goal-tiny, step 2" in section(html, "evaluation")

@@ -47,6 +47,10 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, 
     elif dataset == "synthetic":
         out.update(_synthetic(model, root, where, size, k, batch_size, device))
     elif dataset in evalsets.REFER_SETS:
+        from model.grounding import cannot_ground
+
+        if cannot_ground(model):
+            raise evalsets.DatasetError(f"{checkpoint}: not evaluated on {dataset}: {cannot_ground(model)}")
         items = evalsets.read_refer(_root(root, dataset), dataset, split or "val", images=images)
         out["grounding"] = refer_grounding(model, items, size, device, limit)
         out["split"] = split or "val"

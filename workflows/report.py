@@ -504,6 +504,7 @@ def _eval_samples(c: Ctx, n: int) -> list[tuple[str, object, list[str]]]:
 
 def sec_heatmaps(c: Ctx, n_images: int, n_texts: int = 3) -> str:
     from model.checkpoint import load_model
+    from model.grounding import cannot_ground
 
     models = [m for m in _models(c) if (m / "latest").exists()]
     c.counts["heatmaps"] = 0
@@ -521,9 +522,9 @@ def sec_heatmaps(c: Ctx, n_images: int, n_texts: int = 3) -> str:
         except Exception as e:  # noqa: BLE001 - a broken checkpoint is said, not fatal to the report
             parts.append(f'<p class="bad">{H.esc(folder.name)}: cannot load: {H.esc(e)}</p>')
             continue
-        if getattr(model, "kind", "caft") != "caft":
-            parts.append(f"<p>{H.esc(folder.name)}: a {H.esc(model.kind)} model; no sub-caption attention to draw "
-                         f"(its evaluation is under Evaluation)</p>")
+        why = cannot_ground(model)
+        if why:
+            parts.append(f"<p>{H.esc(folder.name)}: no heat maps: {H.esc(why)}</p>")
             continue
         size = checkpoint_image_size(folder)
         parts.append(f"<h3>{H.esc(folder.name)} <span class='note'>step {model.trained_steps}, "
@@ -697,15 +698,16 @@ def cmd_report(args) -> int:
 def cmd_ground(args) -> int:
     from pipeline.config import ConfigError
     from model.checkpoint import load_model
+    from model.grounding import cannot_ground
 
     if not args.checkpoint:
         raise ConfigError("ground: --checkpoint is required: a training folder (e.g. runs/demo/models/caft-tiny, its "
                           "latest checkpoint) or a model .safetensors file")
     image = open_image(args.image)
     model = load_model(args.checkpoint, args.device)
-    if getattr(model, "kind", "caft") != "caft":
-        raise ConfigError(f"ground: {args.checkpoint} is a {model.cfg.name} model ({model.kind}); heat maps come "
-                          f"from CAFT-family checkpoints (caft-*, flair-*), which attend over image segments")
+    why = cannot_ground(model)
+    if why:
+        raise ConfigError(f"ground: {args.checkpoint}: {why}")
     size = args.size or checkpoint_image_size(args.checkpoint)
     [overlay] = ground_images(model, image, [args.text], size, args.device)
     buf = io.BytesIO()
