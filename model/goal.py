@@ -41,7 +41,9 @@ CLIP_CONFIGS = Path(__file__).with_name("clip_configs")
 @dataclass(frozen=True)
 class GoalConfig:
     name: str
-    clip_model: str = "ViT-B-16"  # an open_clip architecture (model/clip_configs/ adds longcap-tiny-clip)
+    # an open_clip architecture (model/clip_configs/ adds longcap-tiny-clip); OpenAI's weights were trained with
+    # QuickGELU: the -quickgelu architectures, or open_clip runs them with plain GELU (it only warns)
+    clip_model: str = "ViT-B-16-quickgelu"
     pretrained: str | None = "openai"  # an open_clip pretrained tag, a checkpoint file, or None (random init)
     image_size: int = 224
     long_text: str = "stretch"  # stretch | chunk
@@ -67,7 +69,7 @@ def _rows(base: GoalConfig) -> dict[str, GoalConfig]:
 
 CONFIGS = {
     **_rows(GoalConfig("goal-vitb16-openai", notes="GOAL/FAST-GOAL's ViT-B/16 setting (OpenAI CLIP weights)")),
-    **_rows(GoalConfig("goal-vitl14-openai", clip_model="ViT-L-14", notes="ViT-L/14 (OpenAI CLIP weights)")),
+    **_rows(GoalConfig("goal-vitl14-openai", clip_model="ViT-L-14-quickgelu", notes="ViT-L/14 (OpenAI CLIP weights)")),
     **_rows(GoalConfig("goal-tiny", clip_model="longcap-tiny-clip", pretrained=None, image_size=64,
                        notes="a tiny random-init CLIP standing in for pretrained weights (tests, CPU ablations)")),
 }

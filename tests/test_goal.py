@@ -293,6 +293,13 @@ def test_train_configs_validate_and_name_known_models():
         if hasattr(mcfg, "image_size") and (kind == "goal" or getattr(mcfg, "image", "") == "groupvit"):
             assert cfg.image_size == mcfg.image_size, path.name
     assert {"caft", "goal", "grouping"} <= seen
+    # OpenAI's CLIP weights run with the activation they were trained with (open_clip only warns otherwise)
+    import open_clip
+
+    for name, (kind, mcfg) in all_configs().items():
+        if kind == "goal" and mcfg.pretrained:
+            want = open_clip.get_pretrained_cfg(mcfg.clip_model, mcfg.pretrained).get("quick_gelu", False)
+            assert open_clip.get_model_config(mcfg.clip_model).get("quick_gelu", False) == want, name
 
 
 def test_a_bad_model_change_is_refused_by_name(tmp_path, capsys):
