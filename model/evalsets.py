@@ -165,7 +165,8 @@ def read_iiw(root: str | Path) -> EvalSet:
     root = Path(root)
     pairs = []
     for part, images in IIW_PARTS.items():
-        path = _need(root / part / "data.jsonl", f"ImageInWords' {part}/data.jsonl")
+        folder = next((d for d in (part, part.upper()) if (root / d).is_dir()), part)  # both spellings upstream
+        path = _need(root / folder / "data.jsonl", f"ImageInWords' {part}/data.jsonl")
         for r in _json_lines(path):
             name = r.get("image") or _field(r, "image/key", str(path))
             name = name if Path(name).suffix else f"{name}.jpg"

@@ -134,13 +134,11 @@ def synthetic_grounding(model, urls: list[str], truth: dict, data: DataConfig, d
 
 
 def _mask_to(mask: np.ndarray, size: int) -> torch.Tensor:
-    """A ground-truth mask through the loader's geometry (resize the short side, centre crop)."""
+    """A ground-truth mask through the loader's geometry (torchvision's resize of the short side, centre crop)."""
+    from torchvision import transforms as T
+
     im = Image.fromarray(mask.astype(np.uint8) * 255)
-    w, h = im.size
-    scale = size / min(w, h)
-    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.NEAREST)
-    left, top = (im.width - size) // 2, (im.height - size) // 2
-    im = im.crop((left, top, left + size, top + size))
+    im = T.CenterCrop(size)(T.Resize(size, interpolation=T.InterpolationMode.NEAREST)(im))
     return torch.from_numpy(np.array(im) > 127)
 
 
@@ -310,6 +308,9 @@ def refer_grounding(model, items: list, image_size: int, device: str = "cpu", li
             skipped.append({"item": item.image, "reason": f"{type(e).__name__}: {e}"})
             continue
         gt = _mask_to(ref_mask(item), image_size)
+        if not gt.any():
+            skipped.append({"item": f"ref {item.ref_id}", "reason": "the object lies outside the model's centre crop"})
+            continue
         heat = text_heatmaps(model, image, item.sentences)
         for q in range(len(item.sentences)):
             ious.append(iou(grounding_mask(heat[q].cpu()), gt))

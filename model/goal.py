@@ -247,7 +247,8 @@ class GoalModel(nn.Module):
                     F.normalize(crop_emb, dim=-1), F.normalize(sent_emb, dim=-1), sent_group, scale)
                 vis = self.clip.visual
                 member = patch_membership(boxes, vis.grid_size, vis.patch_size)
-                losses["tsl_image"] = cfg.patch_weight * tsl_loss(patches, region_image, member, crop_emb)
+                inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # cropped away: no patches
+                losses["tsl_image"] = cfg.patch_weight * tsl_loss(patches, region_image, member, crop_emb, inside)
                 tmember = span_membership(sent_span, toks.shape[1])
                 losses["tsl_text"] = cfg.text_weight * tsl_loss(toks, sent_row, tmember, sent_emb, sent_ok)
             else:
@@ -287,7 +288,7 @@ class GoalModel(nn.Module):
         from .data import DataConfig
         from .evaluate import recall_at_k
 
-        data = DataConfig(image_size=spec.image_size, train=False, batch_size=spec.batch_size,
+        data = DataConfig(image_size=self.input_size, train=False, batch_size=spec.batch_size,
                           where=spec.where or None, **{**self.data_options(), "max_pairs": 0})
         enc = self.encode_shards(spec.urls, data, device)
         n = len(enc["keys"])
@@ -303,6 +304,8 @@ class GoalModel(nn.Module):
         from .localdata import CHUNK_CONTEXT, bpe_ids, pack_chunks, pack_stretch
 
         self.eval()
+        if image_size != self.input_size:
+            raise ValueError(f"{self.cfg.name} takes {self.input_size} px images, not {image_size}")
         outs, ok, skipped = encode_images(es, image_size, lambda x: F.normalize(self.encode_image(x), dim=-1),
                                           batch_size, device)
         new_index = {old: new for new, old in enumerate(ok)}

@@ -98,10 +98,13 @@ def goal_sample(cfg, key: str, url: str, meta: dict, image, rng, transform) -> d
     else:
         long = max(caps, key=lambda c: len(c["sentences"]))
     mine = usable(long) if cfg.max_pairs else []
-    if cfg.train:
-        chosen = rng.sample(mine, min(cfg.max_pairs, len(mine)))
-    else:
-        chosen = sorted(mine, key=lambda p: -(p.get("score") or 0.0))[:cfg.max_pairs]
+    # one pair per region: two sentences on one crop would each be the other's negative in the local loss
+    order = rng.sample(mine, len(mine)) if cfg.train else sorted(mine, key=lambda p: -(p.get("score") or 0.0))
+    chosen, regions = [], set()
+    for p in order:
+        if p["region"] not in regions and len(chosen) < cfg.max_pairs:
+            regions.add(p["region"])
+            chosen.append(p)
     size = cfg.image_size
     crops = [transform(crop(image, boxes[p["region"]]["box"])) for p in chosen]
     return {"key": key, "url": url, "image": transform(image), "text": " ".join(long["sentences"]),
@@ -157,7 +160,7 @@ def goal_collate(samples: list[dict], long_text: str, long_context: int) -> dict
         for j, text in zip(s["pair_sentence"], s["pair_text"]):
             r, start, end = spans[j]
             sent_row.append(base + r)
-            sent_span.append((start, max(end, start)))
+            sent_span.append((start, min(max(end, start), start + CHUNK_CONTEXT - 2)))  # as sent_tokens: 75 ids
             sent_ok.append(end > start)
             ids = s["sentence_ids"][j][:CHUNK_CONTEXT - 2]
             sent_tokens.append([SOT] + ids + [EOT] + [0] * (CHUNK_CONTEXT - 2 - len(ids)))

@@ -157,6 +157,28 @@ def test_goal_loader_maps_pairs_to_crops_boxes_and_spans(world, tmp_path):
     assert next(iter(dataset(urls, glob)))["crops"].shape[0] == 0
 
 
+def test_goal_sample_takes_one_pair_per_region():
+    """Two sentences matched to one region would be each other's negatives in the local loss: one is taken."""
+    import random
+
+    from model.localdata import goal_sample
+
+    sents = ["A red circle.", "A round red thing.", "A blue square."]
+    meta = {"captions": [{"captioner": "c", "prompt_id": "p", "sentences": sents}],
+            "regions": {"boxes": [{"box": [0, 0, 10, 10]}, {"box": [10, 10, 20, 20]}],
+                        "pairs": [{"captioner": "c", "prompt_id": "p", "region": 0, "sentence_index": 0, "score": 0.9},
+                                  {"captioner": "c", "prompt_id": "p", "region": 0, "sentence_index": 1, "score": 0.8},
+                                  {"captioner": "c", "prompt_id": "p", "region": 1, "sentence_index": 2, "score": 0.7}]}}
+    image = Image.new("RGB", (20, 20))
+    for train in (False, True):
+        cfg = DataConfig(mode="goal", train=train, image_size=16, max_pairs=3)
+        for seed in range(5):
+            s = goal_sample(cfg, "k", "u", meta, image, random.Random(seed), image_transform(16))
+            assert len(s["pair_sentence"]) == 2 and 2 in s["pair_sentence"], (train, seed)
+            if not train:
+                assert s["pair_sentence"] == [0, 2]  # the better-scored pair of region 0
+
+
 def test_every_goal_parameter_learns_and_global_only_has_only_the_global_loss(world, tmp_path):
     urls = region_shards(world, tmp_path / "shards")
     torch.manual_seed(0)

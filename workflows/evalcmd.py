@@ -16,12 +16,12 @@ def checkpoint_defaults(path: str) -> dict:
     from model.checkpoint import latest
 
     p = Path(path)
-    ck = latest(p) if p.is_dir() else p.parent
-    train_json = Path(ck, "train.json") if ck else None
-    if train_json and train_json.exists():
-        cfg = json.loads(train_json.read_text())
-        return {"image_size": cfg.get("image_size", 224), "k_chunks": cfg.get("k_chunks", 4)}
-    return {"image_size": 224, "k_chunks": 4}
+    folder = (latest(p) or p) if p.is_dir() else p.parent  # a training folder, a step-* folder, a model file
+    try:
+        cfg = json.loads((folder / "train.json").read_text())
+        return {"image_size": int(cfg.get("image_size", 224)), "k_chunks": int(cfg.get("k_chunks", 4))}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {"image_size": 224, "k_chunks": 4}
 
 
 def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, split: str | None = None,
@@ -34,7 +34,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, 
 
     model = load_model(checkpoint, device)
     d = checkpoint_defaults(checkpoint)
-    size, k = image_size or d["image_size"], k_chunks or d["k_chunks"]
+    size, k = image_size or getattr(model, "input_size", None) or d["image_size"], k_chunks or d["k_chunks"]
     out = {"dataset": dataset, "checkpoint": str(checkpoint), "model": model.cfg.name,
            "trained_steps": getattr(model, "trained_steps", None), "image_size": size, "k_chunks": k}
     t0 = time.time()

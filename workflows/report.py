@@ -39,16 +39,11 @@ MAX_PIXELS = 89_478_485
 
 # ---------------------------------------------------------------- grounding (shared with `longcap ground`)
 
-def checkpoint_image_size(path: str | Path, default: int = 224) -> int:
-    """The input size a checkpoint was trained at (train.json next to the weights), else `default`."""
-    from model.checkpoint import latest
+def checkpoint_image_size(path: str | Path) -> int:
+    """The input size a checkpoint was trained at (train.json next to the weights), else 224."""
+    from .evalcmd import checkpoint_defaults
 
-    p = Path(path)
-    folder = (latest(p) or p) if p.is_dir() else p.parent
-    try:
-        return int(json.loads((folder / "train.json").read_text())["image_size"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return default
+    return checkpoint_defaults(str(path))["image_size"]
 
 
 def heat_overlay(image, heat, alpha: float = 0.55):
