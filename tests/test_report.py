@@ -328,7 +328,13 @@ def test_report_of_a_run_with_a_goal_model(full_run, tmp_path, capsys):
                      train_where={"split": "train"}, eval_where={"split": "test"}, steps=2, ckpt_every=2)
     (tmp_path / "goal.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["train", str(tmp_path / "goal.yaml")]) == 0
+    (run / "eval").mkdir()
+    (run / "eval" / "broken.json").write_text("{not json")  # bad files cost only their own entries
+    (run / "eval" / "list.json").write_text("[1, 2]")
+    (run / "ablation.json").write_text("")
     html, out = report(run, capsys)
+    ev = section(html, "evaluation")
+    assert ev.count("unreadable") == 2 and "broken.json" in ev and "list.json" in ev
     assert "goal-tiny: no heat maps: a goal-tiny model (goal) has no sub-caption attention" in section(html, "heatmaps")
     curves = section(html, "training")
     assert "training curves of goal-tiny" in curves and all(k in curves for k in ("tsl_image", "tsl_text", "global"))

@@ -526,7 +526,11 @@ def sec_heatmaps(c: Ctx, n_images: int, n_texts: int = 3) -> str:
                      f"input {size}px</span></h3>")
         for key, im, sents in samples:
             texts = sents[:n_texts]
-            overlays = ground_images(model, im, texts, size)
+            try:
+                overlays = ground_images(model, im, texts, size)
+            except Exception as e:  # noqa: BLE001 - said under this model; the other models still drawn
+                parts.append(f'<p class="bad">{H.esc(folder.name)}: cannot ground {H.esc(key)}: {H.esc(e)}</p>')
+                continue
             thumb = im.copy()
             thumb.thumbnail((256, 256))
             cells = [f'<div class="card small"><img src="{H.esc(c.save_pil(thumb, f"heat-{_safe(folder.name)}-{_safe(key)}.jpg"))}"'
@@ -592,20 +596,28 @@ def sec_evaluation(c: Ctx) -> str:
             found += 1
             parts.append(f"<h3>Training evaluation: {H.esc(folder.name)}, step {H.esc(r.get('step'))}</h3>")
             parts.append(H.generic(r["eval"]))
+    def read(p):  # a bad file costs only its own entry
+        try:
+            return _read_json(p)
+        except (OSError, ValueError) as e:
+            parts.append(f'<p class="bad">{H.esc(p)}: unreadable: {H.esc(e)}</p>')
+            return None
+
     # (b) eval-pairs reports
     for p in c.glob("report/eval_pairs*.json"):
         found += 1
-        parts.append(f"<h3>Local pairs against the synthetic truth ({H.esc(Path(p).name)})</h3>")
-        parts.append(H.generic(_read_json(p)))
+        rep = read(p)
+        if rep is not None:
+            parts.append(f"<h3>Local pairs against the synthetic truth ({H.esc(Path(p).name)})</h3>")
+            parts.append(H.generic(rep))
     # (c) `longcap eval` results
     for p in c.glob("eval/*.json"):
         found += 1
-        try:
-            rep = _read_json(p)
-        except (OSError, ValueError) as e:
-            parts.append(f'<p class="bad">{H.esc(p)}: unreadable: {H.esc(e)}</p>')
+        rep = read(p)
+        if rep is None:
             continue
-        title = " · ".join(str(rep.get(k)) for k in ("dataset", "model") if rep.get(k)) or Path(p).stem
+        title = (" · ".join(str(rep.get(k)) for k in ("dataset", "model") if rep.get(k)) if isinstance(rep, dict)
+                 else "") or Path(p).stem
         parts.append(f"<h3>Evaluation: {H.esc(title)} <span class='note'>{H.esc(Path(p).name)}</span></h3>")
         if isinstance(rep, dict) and rep.get("checkpoint"):
             parts.append(f"<p class='note'>checkpoint <code>{H.esc(rep['checkpoint'])}</code></p>")
@@ -615,9 +627,11 @@ def sec_evaluation(c: Ctx) -> str:
     abl = c.run.path("ablation.json")
     if exists(abl):
         found += 1
-        rep = _read_json(abl)
+        rep = read(abl)
         parts.append("<h3>Ablation</h3>")
-        if isinstance(rep, dict) and isinstance(rep.get("rows"), list):
+        if rep is None:
+            pass
+        elif isinstance(rep, dict) and isinstance(rep.get("rows"), list):
             parts.append(H.generic(rep["rows"]))
             rest = {k: v for k, v in rep.items() if k != "rows"}
             if rest:
