@@ -339,12 +339,14 @@ def test_eval_cli_writes_results_and_records_broken_images(tmp_path, tiny_ckpt, 
     rc = main(["eval", str(tiny_ckpt), "docci", "--root", str(tmp_path / "docci"), "--run", str(run),
                "--image-size", "64"])
     assert rc == 0
-    r = json.loads((run / "eval" / "docci.json").read_text())
+    [written] = (run / "eval").glob("docci-*.json")
+    assert written.name == f"docci-{tiny_ckpt.parent.name}.json"  # named after the checkpoint: no overwrites
+    r = json.loads(written.read_text())
     assert r["retrieval"]["n"] == 2 and r["retrieval"]["n_texts"] == 2
     assert r["skipped"][0]["item"].endswith("test_00001.jpg") and "UnidentifiedImageError" in r["skipped"][0]["reason"]
     assert set(r["retrieval"]) >= {"whole", "part", "caftpp"}
     out = capsys.readouterr().out
-    assert "skipped 1" in out and "docci.json" in out
+    assert "skipped 1" in out and written.name in out
 
     make_refcoco(tmp_path / "refer")
     rc = main(["eval", str(tiny_ckpt), "refcoco", "--root", str(tmp_path / "refer"), "--image-size", "64",

@@ -244,7 +244,7 @@ def test_goal_trains_end_to_end_from_a_config_and_reloads(world, tmp_path, capsy
     # longcap eval gives the same held-out retrieval as training's last evaluation; other sets are refused by name
     capsys.readouterr()
     assert main(["eval", str(out), "synthetic", "--run", str(tmp_path / "run")]) == 0
-    again = json.loads((tmp_path / "run" / "eval" / "synthetic.json").read_text())["retrieval"]
+    again = json.loads((tmp_path / "run" / "eval" / "synthetic-goal.json").read_text())["retrieval"]
     assert again["n"] == 3 and again["global"] == pytest.approx(ev["global"])
     assert "global" in capsys.readouterr().out
     # the same held-out images and captions in Urban-1k's layout: the same numbers through the benchmark reader

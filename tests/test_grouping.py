@@ -193,7 +193,7 @@ def test_grouping_trains_end_to_end_from_a_config_in_a_run(world, tmp_path, caps
     # longcap eval: the same phrase measures from the checkpoint; benchmark readers are for other model kinds
     capsys.readouterr()
     assert main(["eval", str(out), "synthetic", "--run", str(run)]) == 0
-    assert json.loads((run / "eval" / "synthetic.json").read_text())["phrases"] == ph
+    assert json.loads((run / "eval" / "synthetic-grouping-tiny.json").read_text())["phrases"] == ph
     assert "synthetic phrases: tIoU" in capsys.readouterr().out
     assert main(["eval", str(out), "urban-1k", "--root", str(tmp_path)]) == 2
     assert "grouping models on 'synthetic' only" in capsys.readouterr().err

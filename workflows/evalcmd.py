@@ -24,6 +24,14 @@ def checkpoint_defaults(path: str) -> dict:
         return {"image_size": 224, "k_chunks": 4}
 
 
+def checkpoint_label(path: str) -> str:
+    """A name for a checkpoint in file names: the training folder (with the step for a step-* folder) or the file."""
+    p = Path(path).resolve()
+    if p.is_file():  # step-N/model.safetensors, or an exported file (named after its folder when it is model.*)
+        p = p.parent if p.parent.name.startswith("step-") or p.stem == "model" else p.with_suffix("")
+    return f"{p.parent.name}-{p.name}" if p.name.startswith("step-") else p.name
+
+
 def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, split: str | None = None,
                         annotations: str | None = None, images: str | None = None, image_size: int | None = None,
                         k_chunks: int | None = None, batch_size: int = 32, limit: int | None = None,
@@ -163,7 +171,8 @@ def cmd_eval(args) -> int:
     r = evaluate_checkpoint(args.checkpoint, args.dataset, args.root or (args.run if args.dataset == "synthetic"
                             else None), args.split, args.annotations, args.images, args.image_size, args.k_chunks,
                             args.batch, args.limit, args.device, args.alpha, where)
-    out = args.out or (str(Path(args.run, "eval", f"{args.dataset}.json")) if args.run else None)
+    out = args.out or (str(Path(args.run, "eval", f"{args.dataset}-{checkpoint_label(args.checkpoint)}.json"))
+                       if args.run else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(r, indent=2))
@@ -273,7 +282,7 @@ def add_commands(sub) -> None:
     e.add_argument("checkpoint", help="a training folder (its latest checkpoint) or a model .safetensors")
     e.add_argument("dataset", choices=names, metavar="DATASET", help=", ".join(names))
     e.add_argument("--root", help="the dataset's local copy (published layout; see model/evalsets.py)")
-    e.add_argument("--run", help="a run directory: synthetic data from it, results written to RUN/eval/DATASET.json")
+    e.add_argument("--run", help="a run directory: synthetic data from it, results written to RUN/eval/DATASET-MODEL.json")
     e.add_argument("--split", help="dci: all|train|valid|test; docci: test; refcoco*: val|testA|testB|test")
     e.add_argument("--annotations", help="sharegpt4v: the annotation JSON if not under --root")
     e.add_argument("--images", help="refcoco*: the COCO train2014 image folder if not under --root")
@@ -284,7 +293,7 @@ def add_commands(sub) -> None:
     e.add_argument("--limit", type=int, help="the first N images (retrieval) or refs (grounding)")
     e.add_argument("--batch", type=int, default=32)
     e.add_argument("--device", default="cpu")
-    e.add_argument("--out", help="result JSON (default with --run: RUN/eval/DATASET.json)")
+    e.add_argument("--out", help="result JSON (default with --run: RUN/eval/DATASET-MODEL.json, MODEL the training folder)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
