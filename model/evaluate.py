@@ -252,6 +252,13 @@ def encode_images(es, image_size: int, encode, batch_size: int = 32, device: str
     return outs, ok, skipped
 
 
+def kept_texts(es, ok: list[int]) -> tuple[list[int], list[int]]:
+    """After images were skipped: the texts whose image was encoded, and each one's image among the encoded."""
+    new_index = {old: new for new, old in enumerate(ok)}
+    keep = [t for t, i in enumerate(es.image_of_text) if i in new_index]
+    return keep, [new_index[es.image_of_text[t]] for t in keep]
+
+
 @torch.no_grad()
 def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, device: str = "cpu",
                max_pixels: int = 89_478_485) -> dict:
@@ -260,8 +267,7 @@ def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, 
     model.eval()
     outs, ok, skipped = encode_images(es, image_size, model.encode_image, batch_size, device, max_pixels)
     cls, parts = [v["cls"] for v in outs], [v["parts"] for v in outs]
-    new_index = {old: new for new, old in enumerate(ok)}
-    keep = [t for t, i in enumerate(es.image_of_text) if i in new_index]
+    keep, image_of_text = kept_texts(es, ok)
     caps = [es.captions[t] for t in keep]
     flat = model.cfg.whole_depth == 0 and not model.cfg.part_loss
     pos = getattr(model.text, "chunk_pos", None)  # the whole-caption encoder's chunk positions; FLAIR: no limit
@@ -285,7 +291,7 @@ def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, 
                  f"({dropped} dropped: past {max_chunks or 'no'} chunk limit, or single words over 75 tokens)")
     return {"keys": [es.images[i] for i in ok], "cls": torch.cat(cls), "parts": torch.cat(parts),
             "whole": torch.cat(whole), "sub": sub, "valid": valid,
-            "image_of_text": [new_index[es.image_of_text[t]] for t in keep], "skipped": skipped,
+            "image_of_text": image_of_text, "skipped": skipped,
             "text": text_note, "truncated": truncated}
 
 

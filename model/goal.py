@@ -300,16 +300,15 @@ class GoalModel(nn.Module):
         """Long-caption retrieval R@1/R@5 both ways on a benchmark's EvalSet (model.evalsets): each caption split
         into sentences and packed as in training (stretch: one row of the stretched context, the rest cut and
         counted; chunk: rows of 77 averaged, a sentence past 75 tokens cut and counted)."""
-        from .evaluate import encode_images, recall_at_k, split_captions
-        from .localdata import CHUNK_CONTEXT, bpe_ids, pack_chunks, pack_stretch
+        from .evaluate import encode_images, kept_texts, recall_at_k, split_captions
+        from .localdata import CHUNK_CONTEXT, bpe_ids, pack_chunks, pack_stretch, pad_rows
 
         self.eval()
         if image_size != self.input_size:
             raise ValueError(f"{self.cfg.name} takes {self.input_size} px images, not {image_size}")
         outs, ok, skipped = encode_images(es, image_size, lambda x: F.normalize(self.encode_image(x), dim=-1),
                                           batch_size, device)
-        new_index = {old: new for new, old in enumerate(ok)}
-        keep = [t for t, i in enumerate(es.image_of_text) if i in new_index]
+        keep, truth = kept_texts(es, ok)
         caps = [es.captions[t] for t in keep]
         embs, cut = [], 0
         for s in range(0, len(caps), batch_size):
@@ -324,19 +323,15 @@ class GoalModel(nn.Module):
                     cut += any(len(x) > CHUNK_CONTEXT - 2 for x in ids)
                 rows += packed
                 owner += [i] * len(packed)
-            text = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-            for r, row in enumerate(rows):
-                text[r, :len(row)] = torch.tensor(row)
             n = len(caps[s:s + batch_size])
-            embs.append(self.encode_captions(text.to(device), torch.tensor(owner, device=device), n))
+            embs.append(self.encode_captions(pad_rows(rows).to(device), torch.tensor(owner, device=device), n))
         sim = (torch.cat(outs) @ torch.cat(embs).T).cpu()
-        truth = torch.tensor([new_index[es.image_of_text[t]] for t in keep])
         note = (f"long text: stretch to {self.text_context} tokens; {cut} of {len(caps)} captions cut"
                 if self.cfg.long_text == "stretch" else
                 f"long text: whole sentences in rows of {CHUNK_CONTEXT}, averaged; {cut} of {len(caps)} captions "
                 f"had a sentence cut at {CHUNK_CONTEXT - 2} tokens")
         return {"retrieval": {"n": len(ok), "n_texts": len(caps), "chance_r1": 1.0 / len(ok),
-                              "global": recall_at_k(sim, truth)}, "text": note, "truncated": cut, "skipped": skipped}
+                              "global": recall_at_k(sim, torch.tensor(truth))}, "text": note, "truncated": cut, "skipped": skipped}
 
 
 def _create_clip(cfg: GoalConfig):

@@ -334,15 +334,13 @@ class GroupingModel(nn.Module):
     @torch.no_grad()
     def text_groups(self, texts: list[str], device: str = "cpu", batch: int = 256) -> list[list[set[int]]]:
         """Per text, its discovered units as sets of word-token indices (pipeline.synthetic.word_spans)."""
-        from .localdata import word_tokens
+        from .localdata import pad_rows, word_tokens
 
         self.eval()
         out = []
         for s in range(0, len(texts), batch):
             enc = [word_tokens(t) for t in texts[s:s + batch]]
-            tokens = torch.zeros(len(enc), 77, dtype=torch.long)
-            for i, (ids, _) in enumerate(enc):
-                tokens[i, :len(ids)] = torch.tensor(ids)
+            tokens = pad_rows([ids for ids, _ in enc], 77)
             assign = self.text(tokens.to(device))["assign"].argmax(-1).cpu()  # [M,77]
             for i, (ids, word_of) in enumerate(enc):
                 out.append(units(word_groups(assign[i, :len(ids)].tolist(), word_of)))

@@ -52,13 +52,17 @@ def word_tokens(text: str, context: int = 77) -> tuple[list[int], list[int]]:
     return ids + [EOT], word_of + [-1]
 
 
+def pad_rows(rows: list[list[int]], width: int | None = None) -> torch.Tensor:
+    """Token id rows, zero-padded to `width` (default: the longest row): [len(rows), width]."""
+    out = torch.zeros(len(rows), width or max(map(len, rows)), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 def tokenize_words(texts: list[str], context: int = 77) -> torch.Tensor:
     """[len(texts), context] ids from `word_tokens`, zero-padded."""
-    out = torch.zeros(len(texts), context, dtype=torch.long)
-    for i, t in enumerate(texts):
-        ids, _ = word_tokens(t, context)
-        out[i, :len(ids)] = torch.tensor(ids)
-    return out
+    return pad_rows([word_tokens(t, context)[0] for t in texts], context)
 
 
 def box_to_input(box: list[float], width: int, height: int, size: int) -> list[float]:
@@ -168,10 +172,7 @@ def goal_collate(samples: list[dict], long_text: str, long_context: int) -> dict
             region_image.append(i)
         crops.append(s["crops"])
         boxes.append(s["boxes"])
-    width = max(len(r) for r in rows)
-    text = torch.zeros(len(rows), width, dtype=torch.long)
-    for k, r in enumerate(rows):
-        text[k, :len(r)] = torch.tensor(r)
+    text = pad_rows(rows)
     # sentences: padding after the longest EOT trimmed (a causal text tower's EOT output does not see it)
     sent_width = max((len(t) - t[::-1].index(EOT) for t in sent_tokens), default=CHUNK_CONTEXT)
     sent_tokens = [t[:sent_width] for t in sent_tokens]
