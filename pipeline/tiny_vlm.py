@@ -5,6 +5,12 @@ trained on the spot with `tokenizers`, a LlavaProcessor with a chat template;
 saved with `save_pretrained`, so `AutoModelForImageTextToText`,
 `AutoProcessor` and `transformers serve` load it like any hub model. Its
 captions are gibberish made of real words.
+
+The weights are stored in the hub's LLaVA layout (`vision_tower.vision_model.…`,
+as in llava-hf checkpoints), which transformers 5 saves as `vision_tower.…`:
+vLLM's LLaVA loader reads only the hub layout, transformers reads both. The
+text model's head_dim is 64 (hidden 256, 4 heads): vLLM's CPU attention
+refuses smaller heads. The hf, openai and vllm tests share this one model.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_vlm(out_dir: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+def build_tiny_vlm(out_dir: str | Path, seed: int = 0, hidden: int = 256, layers: int = 2) -> Path:
     """Write the model, tokenizer and processor into out_dir; returns it."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -58,4 +64,19 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0, hidden: int = 64, layers:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    hub_layout(out / "model.safetensors")
     return out
+
+
+def hub_layout(path: Path) -> None:
+    """Rename `vision_tower.X` to `vision_tower.vision_model.X` in a saved LLaVA (a no-op when already so)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    renamed = {(f"vision_tower.vision_model.{k[len('vision_tower.'):]}"
+                if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+               for k, v in tensors.items()}
+    save_file(renamed, str(path), metadata=meta)
