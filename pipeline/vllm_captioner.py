@@ -1,9 +1,12 @@
-"""`vllm` captioner: vLLM's offline engine, one per Ray actor (GPU machines only; `pip install longcap[vllm]`).
+"""`vllm` captioner: vLLM's offline engine, one per Ray actor (`pip install 'longcap[vllm]'` on GPU machines).
 
 A whole shard goes to the engine in one `LLM.chat` call so that continuous
-batching stays full. Everything but the two calls into vLLM (`load_engine`,
-`engine_call`) is plain Python over the shared request/row code, and is
-unit-tested without vLLM.
+batching stays full; each request carries its own seed. A request vLLM
+rejects (ValueError/TypeError, e.g. a prompt longer than max_model_len) costs
+only its row; any other engine error (a dead engine) fails the shard, which
+the runner records and a rerun retries. tests/test_vllm.py runs it through
+vLLM's CPU build in its own virtualenv (the captions actor started there with
+Ray's runtime_env `py_executable`; README "Recaptioning with vLLM").
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ class VLLMCaptioner(MLLMCaptioner):
         try:
             import vllm
         except ImportError as e:
-            raise ValueError(f"captioner {self.name!r}: backend vllm needs vLLM on a CUDA machine "
-                             f"(pip install 'longcap[vllm]'): {e}") from None
+            raise ValueError(f"captioner {self.name!r}: backend vllm needs vLLM in this Python "
+                             f"(pip install 'longcap[vllm]', or the captions actor in a vLLM env): {e}") from None
         return vllm.LLM(**engine_args(self.cfg))
 
     def engine_call(self, messages: list, params: list[dict]) -> list:

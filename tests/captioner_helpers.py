@@ -57,7 +57,7 @@ def free_port() -> int:
 
 
 class Serve:
-    """A real `transformers serve` process on 127.0.0.1 with the model preloaded."""
+    """A real `transformers serve` process on 127.0.0.1 with the model preloaded (subclasses: other servers)."""
 
     def __init__(self, model: Path, port: int | None = None, log: Path | None = None):
         self.model, self.port = str(model), port or free_port()
@@ -68,16 +68,23 @@ class Serve:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    name = "transformers serve"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model,
+                "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
+
+    def env(self) -> dict:
+        return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
     def start(self, timeout: float = 120) -> "Serve":
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", self.model,
-                                      "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"],
-                                     stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=self.env(),
+                                     start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {self.proc.returncode} (log: {self.log})")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} (log: {self.log})")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                     if r.status == 200:
@@ -85,7 +92,7 @@ class Serve:
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"transformers serve did not answer on port {self.port} within {timeout} s")
+        raise RuntimeError(f"{self.name} did not answer on port {self.port} within {timeout} s (log: {self.log})")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

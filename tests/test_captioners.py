@@ -328,5 +328,5 @@ def test_vllm_missing_is_a_clear_error():
         pass
     else:
         pytest.skip("vLLM is installed here: the engine would load")
-    with pytest.raises(ValueError, match=r"captioner 'big': backend vllm needs vLLM on a CUDA machine"):
+    with pytest.raises(ValueError, match=r"captioner 'big': backend vllm needs vLLM in this Python"):
         VLLMCaptioner(vllm_entry(), PROMPTS, QualitySection())
