@@ -67,7 +67,7 @@ def test_vllm_backend_in_a_captions_actor_in_its_own_env(ray_session, tiny_vlm, 
     data = demo_config(run)
     data["captioners"] = [{"name": "vl", "backend": "vllm", "model": str(tiny_vlm), "prompts": ["long", "short"],
                            "generation": {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95},
-                           "engine_args": {"max_model_len": 512}}]
+                           "engine_args": {"max_model_len": 512, "enforce_eager": True}}]
     data["prompts"] = {k: v.model_dump() for k, v in PROMPTS.items()}
     cfg = load_config(data=data)
     actor = _StageActor.options(num_cpus=1, runtime_env={"py_executable": str(VLLM_PY), "env_vars": VLLM_CPU_ENV}
@@ -136,7 +136,8 @@ def test_vllm_serve_drives_the_openai_backend_like_hf_greedy(vllm_serve, tiny_vl
         (k, p, "ok") for k in ("0000", "0001", "0002", "0003") for p in ("long", "short")] + [
         ("0009", "long", "skipped"), ("0009", "short", "skipped")]
     hf_entry = openai_entry(vllm_serve).model_dump(include={"prompts", "generation"})
-    hf = build_captioner(CaptionerSection(name="api", backend="hf", model=str(tiny_vlm), batch_size=8, **hf_entry),
+    hf = build_captioner(CaptionerSection(name="api", backend="hf", model=str(tiny_vlm), batch_size=8, dtype="float32",
+                                         **hf_entry),
                          [], PROMPTS, QualitySection()).caption_shard(meta, tar).to_pylist()
     same = [(r["text"], r["n_tokens"], r["finish_reason"]) == (h["text"], h["n_tokens"], h["finish_reason"])
             for r, h in zip(rows[:8], hf[:8])]

@@ -42,7 +42,8 @@ class VLLMServe(Serve):
 
     def command(self) -> list[str]:
         return [str(VLLM_ENV / "bin" / "vllm"), "serve", self.model, "--host", "127.0.0.1",
-                "--port", str(self.port), "--max-model-len", "512", "--limit-mm-per-prompt", '{"image": 1}']
+                "--port", str(self.port), "--max-model-len", "512", "--limit-mm-per-prompt", '{"image": 1}',
+                "--dtype", "float32", "--enforce-eager"]  # float32: the same greedy tokens as the hf backend
 
     def env(self) -> dict:
         return {**os.environ, **VLLM_CPU_ENV}
