@@ -7,7 +7,7 @@ serves both sides, so start-up is excluded from both (and printed): the
 backend's `caption_shard` (tar read, decode check, requests with per-request
 seeds, one `LLM.chat`, rows, flags) against reading the same tar, building the
 same chat messages with data URLs and one `LLM.chat` with one SamplingParams.
-Greedy everywhere, so the texts can be compared too. One JSON line per part.
+Greedy and float32 everywhere, so the texts can be compared too. One JSON line per part.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def entry(backend: str, model_dir: str, args):
     from pipeline.config import CaptionerSection
 
     kw = {"engine_args": {"max_model_len": 512}} if backend == "vllm" else {"batch_size": args.batch}
-    return CaptionerSection(name=backend, backend=backend, model=model_dir, prompts=["long"],
+    return CaptionerSection(name=backend, backend=backend, model=model_dir, prompts=["long"], dtype="float32",
                             generation={"max_new_tokens": args.tokens, "temperature": 0.0}, **kw)
 
 
