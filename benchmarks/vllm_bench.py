@@ -83,7 +83,8 @@ def bench_vllm(args) -> dict:
         per_repeat.append((p, b))
     best_p, best_b = max(p for p, _ in per_repeat), max(b for _, b in per_repeat)
     same = sum(a == b for a, b in zip(texts, rows["text"].to_pylist()))
-    return {"bench": "vllm", "images": rows.num_rows, "max_new_tokens": args.tokens, "engine_start_s": round(start_s, 1),
+    return {"bench": "vllm", "images": rows.num_rows, "max_new_tokens": args.tokens,
+            "engine_start_s": round(start_s, 1),
             "plain_captions_per_s": round(best_p, 2), "backend_captions_per_s": round(best_b, 2),
             "ratio": round(best_b / best_p, 3), "per_repeat_ratios": [round(b / p, 3) for p, b in per_repeat],
             "same_text": f"{same}/{rows.num_rows}", "texts": rows["text"].to_pylist()}

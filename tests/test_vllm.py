@@ -161,7 +161,8 @@ def test_vllm_serve_killed_mid_shard_then_back_the_shard_completes(vllm_serve, t
 
     meta, tar = write_shard(tmp_path, {f"{i:04d}": jpeg((30 * i, 100, 255 - 30 * i)) for i in range(8)})
     server = vllm_serve
-    cap = Counting(openai_entry(server, max_in_flight=1, retries=400, backoff=0.5, backoff_max=2,  # a restart: minutes here
+    # retries for ~13 min: a restart of the engine takes minutes on this loaded 2-core machine
+    cap = Counting(openai_entry(server, max_in_flight=1, retries=400, backoff=0.5, backoff_max=2,
                                 generation={"max_new_tokens": 48, "temperature": 0.0}), PROMPTS, QualitySection())
     out = {}
     worker = threading.Thread(target=lambda: out.update(table=cap.caption_shard(meta, tar)), daemon=True)
