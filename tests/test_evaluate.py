@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 from model import evalsets
 from model.caft import build
 from model.checkpoint import save_model
-from model.evaluate import caption_chunks, recall_at_k, retrieval, text_inputs, token_count
+from model.evaluate import (balanced_caption_chunks, recall_at_k, retrieval, split_caption_chunks, text_inputs,
+                            token_count)
 from model.grounding import grounding_mask, iou
 from workflows.cli import main
 
@@ -122,37 +123,57 @@ LONG = ("The photograph shows a narrow street in an old European town early in t
         "drift across a sky that turns from grey to a soft shade of pink and orange near the horizon above the hills.")
 
 
-def test_long_chunks_are_split_not_truncated():
+def test_balanced_chunks_truncate_and_count_never_more_than_k():
     sentences = [s.strip() + "." for s in LONG.split(".") if s.strip()]
-    assert token_count(" ".join(sentences)) > 100
-    chunks, dropped = caption_chunks(sentences, k=1)
-    assert dropped == 0
-    assert all(token_count(c) <= 75 for c in chunks)
-    assert " ".join(chunks).split() == " ".join(sentences).split()  # every word, in order
-    assert len(chunks) >= 2  # one chunk of the whole caption was over 77 tokens
-    chunks, dropped = caption_chunks(sentences, k=1, max_chunks=1)  # past the model's chunk limit: counted
-    assert len(chunks) == 1 and dropped > 0
+    assert [token_count(s) for s in sentences] == [38, 9, 10, 44]
+    chunks, n_trunc, cut = balanced_caption_chunks(sentences, k=2)
+    assert chunks == [" ".join(sentences[:2]), " ".join(sentences[2:])] and n_trunc == 0 and cut == 0
+    chunks, n_trunc, cut = balanced_caption_chunks(sentences, k=1)  # 101 tokens in one chunk: 26 cut, counted
+    assert len(chunks) == 1 and n_trunc == 1 and cut == 101 - 75
+    chunks, n_trunc, cut = balanced_caption_chunks(sentences * 10, k=4)  # 40 sentences: still exactly K chunks
+    assert len(chunks) == 4 and n_trunc == 4 and cut == sum(token_count(c) - 75 for c in chunks)
 
 
-def test_chunks_split_at_sentences_first_and_count_a_word_the_tokenizer_cuts():
+def test_split_chunks_for_models_without_chunk_positions():
     sentences = [s.strip() + "." for s in LONG.split(".") if s.strip()]
-    chunks, dropped = caption_chunks(sentences, k=1)
-    assert [token_count(s) for s in sentences] == [38, 9, 10, 44]  # 101 tokens: over one context
+    chunks, dropped = split_caption_chunks(sentences, k=1)
     assert chunks == [" ".join(sentences[:3]), sentences[3]] and dropped == 0  # whole sentences, greedily
     words = ["word"] * 30 + ["x" * 400] + ["end"] * 3
-    chunks, dropped = caption_chunks([" ".join(words) + "."], k=1)
+    chunks, dropped = split_caption_chunks([" ".join(words) + "."], k=1)
     assert dropped == 1 and " ".join(chunks).split() == (" ".join(words) + ".").split()
     # per-word counts add up to the joined text's count (CLIP's BPE works word by word)
     assert sum(token_count(w) for w in LONG.split()) == token_count(LONG)
-    chunks, dropped = caption_chunks(sentences * 40, k=1, max_chunks=None)  # FLAIR: no chunk limit
+    chunks, dropped = split_caption_chunks(sentences * 40, k=1)
     assert dropped == 0 and len(chunks) > 16
 
 
 def test_flat_baselines_truncate_and_say_so():
-    t = text_inputs([LONG, "A red circle."], k=4, flat=True)
-    assert t["tokens"].shape == (2, 1, 77) and t["truncated"] == 1
-    h = text_inputs([LONG, "A red circle."], k=4, flat=False)
-    assert h["truncated"] == 0 and h["valid"][0].sum() > h["valid"][1].sum() == 1
+    t = text_inputs([LONG, "A red circle."], k=4, mode="flat")
+    assert t["tokens"].shape == (2, 1, 77) and t["truncated"] == 1 and t["tokens_cut"] == token_count(LONG) - 75
+    h = text_inputs([LONG, "A red circle."], k=4, mode="balanced")
+    assert h["truncated"] == 0 and h["valid"][0].sum() == 4 > h["valid"][1].sum() == 1
+
+
+def test_no_unseen_chunk_position_at_evaluation(tmp_path):
+    """The whole-caption encoder of a model trained with K chunks sees positions 0..K-1 only, however long the
+    caption: over-long chunks are truncated (and counted), never split into more chunks."""
+    from model.evaluate import encode_set
+
+    torch.manual_seed(0)
+    model = build("caft-tiny")
+    seen = []
+    encode = model.encode_text
+    model.encode_text = lambda tok, val, whole: (seen.append(val.clone()), encode(tok, val, whole))[1]
+    make_urban(tmp_path / "urban")
+    es = evalsets.read_urban1k(tmp_path / "urban")
+    es.captions[0] = " ".join([LONG] * 6)  # 24 sentences, 600 tokens
+    for k in (1, 2, 4):
+        seen.clear()
+        enc = encode_set(model, es, image_size=64, k_chunks=k, batch_size=2)
+        assert max(v.shape[1] for v in seen) <= k  # positions past K-1 never reach the encoder
+        assert enc["valid"].sum(1).tolist()[0] == k and enc["truncated"] >= 1 and enc["tokens_cut"] > 0
+    with pytest.raises(ValueError, match="only 16 positions"):
+        encode_set(model, es, image_size=64, k_chunks=17)
 
 
 # ---------------------------------------------------------------- readers (tiny copies in published layouts)
@@ -319,9 +340,9 @@ def test_eval_retrieval_matches_brute_force_on_the_model_scores(tmp_path, tiny_c
     make_urban(tmp_path / "urban")
     model = load_model(tiny_ckpt)
     es = evalsets.read_urban1k(tmp_path / "urban")
-    enc = encode_set(model, es, image_size=64, k_chunks=1, batch_size=3)
+    enc = encode_set(model, es, image_size=64, k_chunks=3, batch_size=3)
     r = retrieval(model, enc)
-    assert enc["truncated"] == 0 and enc["valid"][1].sum() > 1 == enc["valid"][0].sum()  # long: more chunks
+    assert enc["truncated"] == 0 and enc["valid"][1].sum() == 3 > enc["valid"][0].sum() == 2  # S=6 / S=2 sentences
     whole = torch.nn.functional.normalize(enc["cls"], dim=-1) @ torch.nn.functional.normalize(enc["whole"], dim=-1).T
     i2t, t2i = brute_recall(whole.numpy(), enc["image_of_text"], 1)
     assert r["whole"]["i2t_r1"] == pytest.approx(i2t) and r["whole"]["t2i_r1"] == pytest.approx(t2i)

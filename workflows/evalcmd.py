@@ -19,9 +19,9 @@ def checkpoint_defaults(path: str) -> dict:
     folder = (latest(p) or p) if p.is_dir() else p.parent  # a training folder, a step-* folder, a model file
     try:
         cfg = json.loads((folder / "train.json").read_text())
-        return {"image_size": int(cfg.get("image_size", 224)), "k_chunks": int(cfg.get("k_chunks", 4))}
+        return {"image_size": int(cfg.get("image_size", 224)), "k_chunks": int(cfg.get("k_chunks", 4)), "known": True}
     except (OSError, ValueError, TypeError, AttributeError):
-        return {"image_size": 224, "k_chunks": 4}
+        return {"image_size": 224, "k_chunks": 4, "known": False}
 
 
 def checkpoint_label(path: str) -> str:
@@ -43,6 +43,9 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, 
     model = load_model(checkpoint, device)
     d = checkpoint_defaults(checkpoint)
     size, k = image_size or getattr(model, "input_size", None) or d["image_size"], k_chunks or d["k_chunks"]
+    if d["known"] and k > d["k_chunks"] and getattr(getattr(model, "text", None), "chunk_pos", None) is not None:
+        raise evalsets.DatasetError(f"--k-chunks {k}: {checkpoint} was trained with K = {d['k_chunks']}; its "
+                                    f"whole-caption encoder never saw chunk positions past {d['k_chunks'] - 1}")
     out = {"dataset": dataset, "checkpoint": str(checkpoint), "model": model.cfg.name,
            "trained_steps": getattr(model, "trained_steps", None), "image_size": size, "k_chunks": k}
     t0 = time.time()
