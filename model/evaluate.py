@@ -327,33 +327,56 @@ def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, 
             "text": text_note, "truncated": truncated, "tokens_cut" if mode != "split" else "words_dropped": cut}
 
 
+def square_image(path: str, size: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SaG's test geometry: the whole image resized to size x size (no crop, aspect not kept), the model's
+    interpolation and normalisation. Returns the tensor [3,S,S] and the original (H, W)."""
+    from torchvision import transforms as T
+
+    from .data import CLIP_MEAN, CLIP_STD
+
+    with open(path, "rb") as f:
+        im = decode_image(f.read(), max_pixels)
+    t = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                   T.Normalize(CLIP_MEAN, CLIP_STD)])
+    return t(im), (im.height, im.width)
+
+
 @torch.no_grad()
 def refer_grounding(model, items: list, image_size: int, device: str = "cpu", limit: int | None = None,
                     max_pixels: int = 89_478_485) -> dict:
-    """mIoU of Otsu masks of referring expressions against the referred object's mask (RefCOCO-style),
-    in the model's view of the image (short side resized, centre crop). Baseline: the whole-image mask."""
+    """Referring-expression mIoU as SaG (Kim et al., 2023) evaluates it: every sentence of every ref counts;
+    the whole image resized to the model's square input (no crop); each heat map resized back to the image's
+    original size, min-max normalised, thresholded at 0.5; IoU against the full-resolution mask; mIoU = mean
+    over sentences, cIoU = total intersection / total union. `miou_otsu`: the same maps with Otsu's threshold
+    (our grounding rule elsewhere). Baseline: the whole-image mask."""
     from .evalsets import ref_mask
+    from .grounding import sag_masks
 
     model.eval()
-    ious, whole_ious, skipped = [], [], []
+    ious, otsu, whole_ious, skipped = [], [], [], []
+    inter = union = 0
     for item in items[:limit]:
         if not item.sentences:
             skipped.append({"item": f"ref {item.ref_id}", "reason": "no sentences"})
             continue
         try:
-            image = _load_image(item.image, image_size, max_pixels).unsqueeze(0).to(device)
+            image, hw = square_image(item.image, image_size, max_pixels)
         except Exception as e:  # noqa: BLE001
             skipped.append({"item": item.image, "reason": f"{type(e).__name__}: {e}"})
             continue
-        gt = _mask_to(ref_mask(item), image_size)
-        if not gt.any():
-            skipped.append({"item": f"ref {item.ref_id}", "reason": "the object lies outside the model's centre crop"})
+        gt = torch.from_numpy(ref_mask(item))
+        if tuple(gt.shape) != hw:
+            skipped.append({"item": f"ref {item.ref_id}", "reason": f"mask {tuple(gt.shape)} but image {hw}"})
             continue
-        heat = text_heatmaps(model, image, item.sentences)
-        for q in range(len(item.sentences)):
-            ious.append(iou(grounding_mask(heat[q].cpu()), gt))
+        heat = text_heatmaps(model, image.unsqueeze(0).to(device), item.sentences).cpu()
+        for pred, pred_otsu in zip(sag_masks(heat, hw), sag_masks(heat, hw, None)):
+            i, u = (pred & gt).sum().item(), (pred | gt).sum().item()
+            inter, union = inter + i, union + u
+            ious.append(i / u if u else 1.0)
+            otsu.append(iou(pred_otsu, gt))
             whole_ious.append(iou(torch.ones_like(gt), gt))
     if not ious:
         raise ValueError(f"no referring expression could be evaluated (skipped: {skipped[:3]})")
-    return {"miou": float(np.mean(ious)), "n": len(ious), "baseline_whole_image_miou": float(np.mean(whole_ious)),
-            "skipped": skipped}
+    return {"protocol": "SaG: full image resized square, maps resized to the original size, threshold 0.5",
+            "miou": float(np.mean(ious)), "ciou": inter / union if union else 1.0, "miou_otsu": float(np.mean(otsu)),
+            "n": len(ious), "baseline_whole_image_miou": float(np.mean(whole_ious)), "skipped": skipped}

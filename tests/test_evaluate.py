@@ -321,6 +321,65 @@ def test_refer_reader_masks_and_refuses_pickled_objects(tmp_path):
     assert not (tmp_path / "longcap-pwned").exists()
 
 
+def make_offcentre_ref(root):
+    """A 240x80 image whose referred object lies at the far left: a centre crop would cut it away."""
+    images = root / "images" / "mscoco" / "images" / "train2014"
+    images.mkdir(parents=True)
+    im = Image.new("RGB", (240, 80), (240, 240, 240))
+    ImageDraw.Draw(im).rectangle((5, 20, 44, 59), fill=COLOURS["red"])
+    ImageDraw.Draw(im).ellipse((150, 10, 210, 70), fill=COLOURS["blue"])
+    im.save(images / "COCO_train2014_000000000007.jpg")
+    inst = {"images": [{"id": 7, "file_name": "COCO_train2014_000000000007.jpg", "height": 80, "width": 240}],
+            "annotations": [{"id": 70, "image_id": 7, "category_id": 1, "iscrowd": 0, "bbox": [5, 20, 40, 40],
+                             "segmentation": [[5, 20, 45, 20, 45, 60, 5, 60]]}], "categories": []}
+    refs = [{"ref_id": 1, "ann_id": 70, "image_id": 7, "split": "val", "category_id": 1,
+             "sentences": [{"sent": "the red square on the left"}, {"sent": "left square"}]}]
+    (root / "refcoco").mkdir()
+    (root / "refcoco" / "instances.json").write_text(json.dumps(inst))
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+
+
+def test_sag_masks_resize_to_the_original_size_then_threshold():
+    from model.grounding import sag_masks
+
+    heat = torch.zeros(1, 4, 4)
+    heat[0, :2, :2] = 3.0  # hot top-left quarter of the square input
+    m = sag_masks(heat, (8, 12))[0]
+    assert m.shape == (8, 12) and m[:3, :5].all() and not m[5:, :].any() and not m[:, 7:].any()
+    assert sag_masks(heat * 7 - 2, (8, 12))[0, :3, :5].all()  # min-max normalised: scale and offset free
+    assert sag_masks(heat, (8, 12), None)[0].sum() == 24  # Otsu variant: the same 4x6 hot corner
+
+
+def test_sag_grounding_counts_a_ref_outside_the_centre(tmp_path):
+    """SaG's protocol: every sentence counts, the full image resized square (no crop), maps back at the
+    original size, threshold 0.5; checked against SaG's own steps (torchvision resize of the map, numpy IoU)."""
+    from torchvision.transforms import functional as TF
+
+    from model.evaluate import _mask_to, refer_grounding, square_image
+    from model.grounding import text_heatmaps
+
+    make_offcentre_ref(tmp_path)
+    items = evalsets.read_refer(tmp_path, "refcoco", "val")
+    gt = evalsets.ref_mask(items[0])
+    assert gt.shape == (80, 240) and gt.sum() == 40 * 40 and not _mask_to(gt, 64).any()  # a centre crop loses it
+    torch.manual_seed(0)
+    model = build("caft-tiny")
+    g = refer_grounding(model, items, image_size=64)
+    assert g["n"] == 2 and g["skipped"] == []
+    image, hw = square_image(items[0].image, 64, 10**8)
+    heat = text_heatmaps(model, image.unsqueeze(0), items[0].sentences)
+    ious, inter, union = [], 0, 0
+    for h in heat:  # SaG eval_cma_recon.py get_IoU_map, step by step
+        a = TF.resize(h[None], list(gt.shape)).squeeze().numpy()
+        a = (a - a.min()) / (a.max() - a.min() + 1e-9)
+        pred = a >= 0.5
+        i, u = np.logical_and(pred, gt).sum(), np.logical_or(pred, gt).sum()
+        ious.append(i / u)
+        inter, union = inter + i, union + u
+    assert g["miou"] == pytest.approx(np.mean(ious), abs=1e-6) and g["ciou"] == pytest.approx(inter / union)
+    assert g["baseline_whole_image_miou"] == pytest.approx(1600 / (80 * 240))
+
+
 # ---------------------------------------------------------------- `longcap eval`
 
 
