@@ -15,7 +15,8 @@ Layouts (what each reader expects under ROOT):
               names, relative to ROOT; the first 1,000 / 10,000 entries; caption = the gpt turn.
 - iiw:        {IIW-400, DCI_Test, DOCCI_Test}/data.jsonl with images in docci_aar/, dci/, docci/
               (ImageInWords' human-authored "IIW" descriptions).
-- refcoco, refcoco+, refcocog: <name>/refs(<split_by>).p + <name>/instances.json (refer's layout),
+- refcoco, refcoco+, refcocog: <name>/refs(<split_by>).p + <name>/instances.json (refer's layout;
+              split_by unc, unc, google as SaG uses them, or --split-by),
               COCO train2014 images in images/mscoco/images/train2014 (or --images).
 - fg-ovd-{hard,medium,easy,trivial,color,material,pattern,transparency}: the FG-OVD benchmarks
               (Bianchi et al., CVPR 2024, github lorebianchi98/FG-OVD, benchmarks/): 1_attributes.json
@@ -241,7 +242,9 @@ def retrieval_set(name: str, root: str, split: str | None = None, annotations: s
 
 
 RETRIEVAL_SETS = ("dci", "docci", "urban-1k", "sharegpt4v-1k", "sharegpt4v-10k", "iiw", "coco-5k", "flickr30k-1k")
-REFER_SETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+# refer's split_by per set, as SaG builds its test data (build_batches.py: unc, unc+, and Gref = refcocog
+# split by google); refcocog's umd split is one --split-by umd away
+REFER_SETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "google"}
 
 
 class _PlainUnpickler(pickle.Unpickler):

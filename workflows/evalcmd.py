@@ -35,7 +35,8 @@ def checkpoint_label(path: str) -> str:
 def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, split: str | None = None,
                         annotations: str | None = None, images: str | None = None, image_size: int | None = None,
                         k_chunks: int | None = None, batch_size: int = 32, limit: int | None = None,
-                        device: str = "cpu", alpha: float | None = None, where: dict | None = None) -> dict:
+                        device: str = "cpu", alpha: float | None = None, where: dict | None = None,
+                        split_by: str | None = None) -> dict:
     from model import evalsets
     from model.checkpoint import load_model
     from model.evaluate import encode_set, refer_grounding, retrieval
@@ -63,7 +64,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, 
 
         if cannot_ground(model):
             raise evalsets.DatasetError(f"{checkpoint}: not evaluated on {dataset}: {cannot_ground(model)}")
-        items = evalsets.read_refer(_root(root, dataset), dataset, split or "val", images=images)
+        items = evalsets.read_refer(_root(root, dataset), dataset, split or "val", split_by, images=images)
         out["grounding"] = refer_grounding(model, items, size, device, limit)
         out["split"] = split or "val"
     elif dataset in evalsets.FGOVD_SETS:
@@ -187,7 +188,7 @@ def cmd_eval(args) -> int:
     where = dict(kv.split("=", 1) for kv in args.where) if args.where else None
     r = evaluate_checkpoint(args.checkpoint, args.dataset, args.root or (args.run if args.dataset == "synthetic"
                             else None), args.split, args.annotations, args.images, args.image_size, args.k_chunks,
-                            args.batch, args.limit, args.device, args.alpha, where)
+                            args.batch, args.limit, args.device, args.alpha, where, args.split_by)
     out = args.out or (str(Path(args.run, "eval", f"{args.dataset}-{checkpoint_label(args.checkpoint)}.json"))
                        if args.run else None)
     if out:
@@ -300,7 +301,9 @@ def add_commands(sub) -> None:
     e.add_argument("dataset", choices=names, metavar="DATASET", help=", ".join(names))
     e.add_argument("--root", help="the dataset's local copy (published layout; see model/evalsets.py)")
     e.add_argument("--run", help="a run directory: synthetic data from it, results written to RUN/eval/DATASET-MODEL.json")
-    e.add_argument("--split", help="dci: all|train|valid|test; docci: test; refcoco*: val|testA|testB|test")
+    e.add_argument("--split", help="dci: all|train|valid|test; docci: test; refcoco*: val|testA|testB|test; "
+                                   "coco-5k / flickr30k-1k: test (Karpathy)")
+    e.add_argument("--split-by", help="refcoco*: refer's refs(SPLIT_BY).p (default unc, unc, google as SaG uses them)")
     e.add_argument("--annotations", help="sharegpt4v: the annotation JSON if not under --root")
     e.add_argument("--images", help="refcoco*: the COCO train2014 folder; fg-ovd-*: the COCO 2017 folder; coco-5k / "
                                     "flickr30k-1k: the image root, if not under --root")
