@@ -70,3 +70,18 @@ def test_random_chunks_resample_when_few_and_drop_when_many():
     assert len(many) == 4 and 4 <= sum(b - a for a, b in many) <= 12
     assert random_chunks(11, 4, random.Random(3))[0][0] == 0  # S = 11 <= 3K: nothing dropped
     assert chunk_texts(["A.", "B.", "C."], [(0, 2), (2, 3)]) == ["A. B.", "C."]
+
+
+def test_loader_chunks_never_exceed_k_positions():
+    """The loader's long caption: K chunks in training (B.2), at most K balanced ones in evaluation, so the
+    whole-caption encoder sees positions 0..K-1 only, in both."""
+    from model.data import DataConfig, pick_texts
+
+    sents = [f"Sentence {i}." for i in range(30)]
+    caps = [{"sentences": sents}, {"sentences": ["Other one.", "Other two."]}]
+    texts, k = pick_texts(caps, random.Random(0), DataConfig(train=False, k_chunks=4, n_sub=4))
+    assert k == 4 and texts == [" ".join(sents[a:b]) for a, b in [(0, 8), (8, 16), (16, 23), (23, 30)]]
+    nine = [{"sentences": sents[:9]}]  # K <= S <= 3K: every sentence of the long caption, in order, each time
+    for seed in range(20):
+        texts, k = pick_texts(nine, random.Random(seed), DataConfig(train=True, k_chunks=4, n_sub=6))
+        assert k == 4 and len(texts) == 6 and " ".join(texts[:4]) == " ".join(sents[:9])
