@@ -152,3 +152,15 @@ def test_eval_cli_on_coco_and_fgovd(tmp_path, tiny, capsys):
     f = json.loads((tmp_path / "f.json").read_text())["fgovd"]
     assert rc == 0 and f["n"] == 3 and f["left_out"] == 1 and 0 <= f["accuracy"] <= 1
     assert "FG-OVD accuracy" in capsys.readouterr().out
+
+
+def test_eval_refuses_more_chunks_than_trained(tmp_path, tiny, capsys):
+    model, _ = tiny
+    folder = tmp_path / "trained"
+    folder.mkdir()
+    save_model(model, folder / "model.safetensors")
+    (folder / "train.json").write_text(json.dumps({"k_chunks": 2, "image_size": 64}))
+    make_karpathy(tmp_path / "coco", "coco")
+    rc = main(["eval", str(folder / "model.safetensors"), "coco-5k", "--root", str(tmp_path / "coco"),
+               "--k-chunks", "3"])
+    assert rc == 2 and "trained with K = 2" in capsys.readouterr().err
