@@ -383,11 +383,16 @@ def refer_grounding(model, items: list, image_size: int, device: str = "cpu", li
 
 
 def _crop(path: str, bbox: list[float], size: int, max_pixels: int) -> torch.Tensor:
-    """The object's box cut from its image, then the model's own transform (short side resized, centre crop)."""
+    """The object's box cut from its image (floor of the top-left, ceiling of the bottom-right, clamped to the
+    image, as the FG-OVD authors' CLIP evaluation crops: lorebianchi98/FG-CLIP fg-ovd_feature_extraction/
+    extraction.py, scale 1), then the model's own transform (short side resized, centre crop, as CLIP's)."""
+    import math
+
     with open(path, "rb") as f:
         im = decode_image(f.read(), max_pixels)
     x, y, w, h = bbox
-    box = (max(0, int(x)), max(0, int(y)), min(im.width, int(round(x + w))), min(im.height, int(round(y + h))))
+    box = (max(0, math.floor(x)), max(0, math.floor(y)), min(im.width, math.ceil(x + w)),
+           min(im.height, math.ceil(y + h)))
     if box[2] <= box[0] or box[3] <= box[1]:
         raise ValueError(f"box {bbox} is empty inside the {im.width}x{im.height} image")
     return image_transform(size)(im.crop(box))
