@@ -128,7 +128,8 @@ def test_karpathy_readers_keep_five_captions_per_image(tmp_path):
     es = evalsets.retrieval_set("coco-5k", str(tmp_path / "coco"))
     assert len(es.images) == 3 and len(es.captions) == 15
     assert es.image_of_text == [0] * 5 + [1] * 5 + [2] * 5
-    assert es.images[0].endswith("val2014/COCO_val2014_000000000000.jpg") and es.captions[6] == "A green circle, caption 1."
+    assert es.images[0].endswith("val2014/COCO_val2014_000000000000.jpg")
+    assert es.captions[6] == "A green circle, caption 1."
     assert "the published split has 5000" in es.notes
     make_karpathy(tmp_path / "f30k", "flickr30k")
     es = evalsets.retrieval_set("flickr30k-1k", str(tmp_path / "f30k"))
