@@ -1,4 +1,5 @@
-"""Evaluation: retrieval R@k both ways (whole, part, CAFT++ scores) and grounding mIoU on the synthetic world.
+"""Evaluation: retrieval R@k both ways (whole, part, CAFT++ scores), grounding mIoU (synthetic world; RefCOCO/+/g
+with SaG's protocol), and FG-OVD's caption ranking of object crops.
 
 Ranks count ties against the model: a ground-truth item is at rank r when r other candidates score at
 least as high. With several captions per image, image->text succeeds when any of its captions is in the
