@@ -165,3 +165,16 @@ def test_eval_refuses_more_chunks_than_trained(tmp_path, tiny, capsys):
     rc = main(["eval", str(folder / "model.safetensors"), "coco-5k", "--root", str(tmp_path / "coco"),
                "--k-chunks", "3"])
     assert rc == 2 and "trained with K = 2" in capsys.readouterr().err
+
+
+def test_goal_checkpoints_read_the_short_caption_sets(tmp_path):
+    """FAST-GOAL's short-caption retrieval: a goal checkpoint on flickr30k-1k, every caption counted."""
+    from model.registry import build as build_any
+
+    torch.manual_seed(0)
+    save_model(build_any("goal-tiny"), tmp_path / "goal.safetensors")
+    make_karpathy(tmp_path / "f30k", "flickr30k")
+    rc = main(["eval", str(tmp_path / "goal.safetensors"), "flickr30k-1k", "--root", str(tmp_path / "f30k"),
+               "--out", str(tmp_path / "g.json")])
+    r = json.loads((tmp_path / "g.json").read_text())
+    assert rc == 0 and r["retrieval"]["n"] == 3 and r["retrieval"]["n_texts"] == 15
