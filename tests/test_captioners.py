@@ -254,6 +254,8 @@ def test_gpu_captioner_on_a_local_ray_without_gpus_is_a_config_error(ray_session
 
 
 # ---------------------------------------------------------------- vLLM backend (engine isolated)
+# The real engine runs in tests/test_vllm.py; here the request building and what the tiny VLM cannot make vLLM do
+# (reject one request of a shard, return no completion).
 
 
 class FakeVLLM(VLLMCaptioner):
