@@ -108,7 +108,7 @@ def measure(name: str, args: list) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"{name} failed ({res.returncode}): {res.stderr[-3000:]}")
     inner = json.loads([x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
-    return {"wall_s": wall, "cpu_s": cpu.total(), **inner}
+    return {"wall_s": wall, "cpu_s": cpu.total(), "cpu_by_process": cpu.by_name(), **inner}
 
 
 class CpuMeter:
@@ -121,7 +121,7 @@ class CpuMeter:
 
         import psutil
 
-        self.root, self.seen, self.done = psutil.Process(pid), {}, threading.Event()
+        self.root, self.seen, self.names, self.done = psutil.Process(pid), {}, {}, threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
 
@@ -136,7 +136,10 @@ class CpuMeter:
             for p in procs:
                 try:
                     t = p.cpu_times()
-                    self.seen[(p.pid, p.create_time())] = t.user + t.system
+                    key = (p.pid, p.create_time())
+                    if key not in self.names:
+                        self.names[key] = _short_name(p.cmdline())
+                    self.seen[key] = t.user + t.system
                 except psutil.Error:
                     pass
             self.done.wait(0.1)
@@ -147,6 +150,26 @@ class CpuMeter:
 
     def total(self) -> float:
         return sum(self.seen.values())
+
+    def by_name(self) -> dict:
+        out = {}
+        for k, v in self.seen.items():
+            out[self.names[k]] = round(out.get(self.names[k], 0) + v, 2)
+        return dict(sorted(out.items(), key=lambda x: -x[1]))
+
+
+def _short_name(cmd: list[str]) -> str:
+    """ray::IDLE / ray::_shard_task / raylet / gcs_server / log_monitor.py / the tool's own python ..."""
+    if not cmd:
+        return "?"
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    scripts = [Path(c).name for c in cmd[1:3] if c.endswith(".py")]
+    if scripts:
+        return scripts[0]
+    if len(cmd) > 1 and cmd[1] == "-c":
+        return "python -c (" + ("multiprocessing child" if "multiprocessing" in cmd[2] else "the tool") + ")"
+    return Path(cmd[0]).name
 
 
 def count_written(out: str) -> int:
@@ -192,7 +215,8 @@ def main() -> None:
                 m["written"] = count_written(out)
                 m["images_per_s"] = m["written"] / m["wall_s"]
                 pair[name] = m
-                print(json.dumps({"tool": name, "repeat": r, **{k: round(v, 2) for k, v in m.items()}}), flush=True)
+                print(json.dumps({"tool": name, "repeat": r, **{k: round(v, 2) if isinstance(v, float) else v
+                                                                for k, v in m.items()}}), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
             ratio = pair["longcap"]["images_per_s"] / pair["img2dataset"]["images_per_s"]
             ratio_call = (pair["longcap"]["written"] / pair["longcap"]["call_s"]) / (
