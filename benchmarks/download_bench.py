@@ -137,8 +137,7 @@ class CpuMeter:
                 try:
                     t = p.cpu_times()
                     key = (p.pid, p.create_time())
-                    if key not in self.names:
-                        self.names[key] = _short_name(p.cmdline())
+                    self.names[key] = _short_name(p.cmdline())  # each time: a forked child execs its own program
                     self.seen[key] = t.user + t.system
                 except psutil.Error:
                     pass
