@@ -248,6 +248,9 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
     gather = gather_others if world > 1 else None
     bf16 = cuda and cfg.precision in ("auto", "bf16")
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    if cfg.sampling == "epoch" and cfg.epoch_samples and rank == 0:
+        log.warning("train.epoch_samples=%d has no effect with sampling: epoch (a data epoch is one pass over the "
+                    "shards); set sampling: resampled to use it", cfg.epoch_samples)
     epoch_samples = cfg.epoch_samples or epoch_samples or per_rank * 100
     context = "spawn" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else None
 
