@@ -65,7 +65,8 @@ def main() -> None:
 
     from pipeline.config import RegionsSection
     from pipeline.detector import Detector
-    from pipeline.regions import RegionPairer, crop, decode_image
+    from pipeline.images import decode_image
+    from pipeline.regions import RegionPairer, crop
     from pipeline.scorers import build_scorer
 
     torch.set_num_threads(args.threads)

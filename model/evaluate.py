@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.chunking import balanced_chunks
+from pipeline.images import MAX_PIXELS, decode_image
 
-from .data import DataConfig, dataset, decode_image, image_transform, selected, tokenize
+from .data import DataConfig, dataset, image_transform, selected, tokenize
 from .grounding import grounding_mask, iou, text_heatmaps
 
 
@@ -231,7 +232,7 @@ def _load_image(path: str, size: int, max_pixels: int):
 
 
 def encode_images(es, image_size: int, encode, batch_size: int = 32, device: str = "cpu",
-                  max_pixels: int = 89_478_485) -> tuple[list, list[int], list[dict]]:
+                  max_pixels: int = MAX_PIXELS) -> tuple[list, list[int], list[dict]]:
     """Every image of an EvalSet through `encode` (a batch [B,3,S,S] -> its outputs) in batches; unreadable ones
     are skipped with their reason. Returns (outputs per batch, indices of the encoded images, skipped)."""
     outs, ok = [], []
@@ -261,7 +262,7 @@ def kept_texts(es, ok: list[int]) -> tuple[list[int], list[int]]:
 
 @torch.no_grad()
 def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, device: str = "cpu",
-               max_pixels: int = 89_478_485) -> dict:
+               max_pixels: int = MAX_PIXELS) -> dict:
     """Encode an EvalSet: every image once (unreadable ones skipped with their reason, with their texts), every
     caption in balanced chunks (flat baselines: truncated at 77 tokens, counted)."""
     model.eval()
@@ -297,7 +298,7 @@ def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, 
 
 @torch.no_grad()
 def refer_grounding(model, items: list, image_size: int, device: str = "cpu", limit: int | None = None,
-                    max_pixels: int = 89_478_485) -> dict:
+                    max_pixels: int = MAX_PIXELS) -> dict:
     """mIoU of Otsu masks of referring expressions against the referred object's mask (RefCOCO-style),
     in the model's view of the image (short side resized, centre crop). Baseline: the whole-image mask."""
     from .evalsets import ref_mask

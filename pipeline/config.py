@@ -16,6 +16,8 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .images import MAX_PIXELS
+
 STAGES = ("download", "captions", "sentences", "regions", "export")
 DEFAULT_STAGES = ("download", "captions", "sentences", "export")  # + regions when a regions section is set
 
@@ -94,7 +96,7 @@ class DownloadSection(Strict):
     timeout: float = Field(10, gt=0, description="seconds per request, connecting to last byte")
     retries: int = Field(0, ge=0)
     min_image_size: int = Field(0, ge=0)
-    max_image_area: float = Field(89_478_485, gt=0, description="pixel limit, checked from the header before decoding")
+    max_image_area: float = Field(MAX_PIXELS, gt=0, description="pixel limit, checked from the header before decoding")
     max_aspect_ratio: float = Field(math.inf, gt=0)
     user_agent_token: Optional[str] = None
     disallowed_header_directives: list[str] = Field(
