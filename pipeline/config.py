@@ -291,6 +291,27 @@ class TrainSection(Strict):
     threads: Optional[int] = Field(None, ge=1, description="torch threads per process")
     tensorboard: bool = True
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v):
+        from model.registry import all_configs  # the registry is the one list of names
+
+        names = list(all_configs())
+        if v not in names:
+            close = difflib.get_close_matches(v, names, n=1)
+            raise ValueError(f"unknown model {v!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; known: {', '.join(names)}")
+        return v
+
+    @field_validator("model_changes")
+    @classmethod
+    def _known_fields(cls, v, info):
+        if v and "model" in info.data:  # (a bad model name is reported on its own)
+            from model.registry import check_changes
+
+            check_changes(info.data["model"], v)
+        return v
+
     @model_validator(mode="after")
     def _check(self):
         if self.k_chunks > self.n_sub:
