@@ -244,6 +244,9 @@ class ExportSection(Strict):
     min_image_size: int = Field(0, ge=0, description="original short side below this: key not exported")
     max_samples: int = Field(10_000, ge=1, description="samples per export tar")
     max_bytes: int = Field(1_000_000_000, ge=1_000_000, description="bytes per export tar (approximate)")
+    txt: Optional[str] = Field(None, description="the caption written in full as <key>.txt (what open_clip's trainer "
+                               "reads): 'CAPTIONER/PROMPT' (source: 'CAPTIONER/COLUMN'); default the first "
+                               "captioner's first prompt (the long one by default)")
 
 
 class TrainSection(Strict):
@@ -425,7 +428,20 @@ class Config(Strict):
                 raise ValueError(
                     f"captioners[{c.name}].columns {missing} are not in input.caption_cols {self.input.caption_cols}"
                 )
+        if self.export.txt is not None and self.export.txt not in self.caption_names():
+            raise ValueError(f"export.txt {self.export.txt!r} is not a caption of this run; "
+                             f"captions are {', '.join(self.caption_names())}")
         return self
+
+    def caption_names(self) -> list[str]:
+        """'CAPTIONER/PROMPT' of every caption the run makes, in config order (source: one per column)."""
+        return [f"{c.name}/{p}" for c in self.captioners
+                for p in (c.prompts if c.backend != "source" else c.columns or self.caption_columns())]
+
+    def txt_caption(self) -> str | None:
+        """The caption export writes as <key>.txt: export.txt, else the first captioner's first prompt."""
+        names = self.caption_names()
+        return self.export.txt or (names[0] if names else None)
 
     def caption_columns(self) -> list[str]:
         """Input caption columns (the synthetic world has one: 'caption')."""
