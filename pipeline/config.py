@@ -234,7 +234,10 @@ class QualitySection(Strict):
 
 
 class SentencesSection(Strict):
-    spacy_model: str = Field("blank:en", description="'blank:en' (sentencizer) or an installed pipeline name")
+    spacy_model: str = Field("blank:en", description="'blank:en' (tokenizer only) or an installed pipeline name")
+    segmenter: Literal["rules", "sentencizer", "pysbd", "nupunkt", "pipeline"] = Field(
+        "rules", description="sentence splitter (a spaCy component): rules (longcap's, pipeline/segmenters.py), "
+        "sentencizer (spaCy's), pysbd or nupunkt (installed separately), pipeline (spacy_model's parser/senter)")
     batch_size: int = Field(256, ge=1)
     quality: QualitySection = Field(default_factory=QualitySection)
 
