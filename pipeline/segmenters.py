@@ -30,6 +30,7 @@ DATEISH = frozenset("mon tue tues wed thu thur thurs fri sat sun jan feb mar apr
 ENDING_INITIALS = frozenset("u.s u.k u.s.a e.u u.n d.c".split())  # dotted capitals that do end sentences
 _INITIALS = re.compile(r"(?:[A-Z]\.)*[A-Z]")
 _LEAD = "\"'“‘«([{"
+_NOT_START = np.uint64(2**64 - 1)  # -1 as spaCy's uint64 arrays hold it
 
 
 def rule_starts(text: str) -> list[int]:
@@ -66,11 +67,12 @@ def set_starts(doc, starts) -> None:
     if len(doc) == 0:
         return
     idx = doc.to_array(IDX)  # token start offsets, ascending
-    flags = np.full(len(idx), -1, dtype=np.int64)
-    at = np.searchsorted(idx, starts)  # every start offset begins a token (whitespace comes before it)
-    flags[at[at < len(idx)]] = 1
+    flags = np.full((len(idx), 1), _NOT_START, dtype=np.uint64)
+    if starts:
+        at = np.searchsorted(idx, starts)  # every start offset begins a token (whitespace comes before it)
+        flags[at[at < len(idx)]] = 1
     flags[0] = 1
-    doc.from_array([SENT_START], flags.astype(np.uint64).reshape(-1, 1))
+    doc.from_array([SENT_START], flags)
 
 
 def rules_component(doc):
