@@ -122,3 +122,12 @@ def test_bad_train_model_and_model_changes_fail_at_load_before_any_stage(tmp_pat
     cfg["train"] = {"model": "goal-tiny", "model_changes": {"pretrained": "/some/clip.pt"}}  # a None default
     assert load_config(write(tmp_path, cfg)).train.model_changes == {"pretrained": "/some/clip.pt"}
     assert main(["run", str(write(tmp_path, {**cfg, "train": {"model": "nope"}})), "--no-progress"]) != 0
+
+
+def test_export_txt_names_a_caption_of_the_run(tmp_path):
+    cfg = demo_config(tmp_path / "run")
+    assert load_config(write(tmp_path, cfg)).txt_caption() == "source/caption"  # the first captioner's first
+    cfg["export"] = {"txt": "source/captoin"}
+    with pytest.raises(ConfigError, match=r"export.txt 'source/captoin' is not a caption of this run; "
+                                          r"captions are source/caption"):
+        load_config(write(tmp_path, cfg))
