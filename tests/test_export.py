@@ -1,5 +1,6 @@
 import glob
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -115,3 +116,19 @@ def test_datasets_webdataset_builder_reads_the_export(exported):
     assert sorted(ds["__key__"]) == sorted(r["key"] for r in index)
     row = ds[0]
     assert row["jpg"].size == (128, 128) and row["json"]["captions"][0]["text"] == row["txt"]
+
+
+@pytest.mark.slow
+def test_open_clip_trainer_trains_one_epoch_on_the_export(exported, tmp_path):
+    import subprocess
+    import sys
+
+    tars = sorted(glob.glob(str(exported / "export" / "*.tar")))
+    cmd = [sys.executable, "-m", "workflows.open_clip_main", "--train-data", "::".join(tars),
+           "--dataset-type", "webdataset", "--model", "ViT-S-32", "--force-image-size", "64", "--batch-size", "2",
+           "--epochs", "1", "--workers", "0", "--device", "cpu", "--precision", "fp32", "--warmup", "1",
+           "--lr", "1e-4", "--logs", str(tmp_path), "--name", "t", "--seed", "0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (tmp_path / "t" / "out.log").read_text()
+    assert "Train Epoch: 0" in log and (tmp_path / "t" / "checkpoints" / "epoch_1.pt").exists()
