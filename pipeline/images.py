@@ -66,12 +66,27 @@ def decode_image(data, max_pixels: float = MAX_PIXELS, max_side: int | None = No
     return im
 
 
+def _ends_with_eoi(stream) -> bool:
+    """Whether a JPEG's last two bytes are its EOI marker. Entropy-coded data never holds FF D9 (a data FF is
+    followed by 00 or a restart marker), so a file cut short does not end with it."""
+    end = stream.seek(0, 2)
+    if end < 4:
+        return False
+    stream.seek(end - 2)
+    return stream.read(2) == b"\xff\xd9"
+
+
 def check_image(data, max_pixels: float = MAX_PIXELS) -> str | None:
-    """None if the bytes are a complete image within the pixel limit, else the reason. Every byte is read
-    (truncated files fail), JPEGs at 1/8 scale, so the check is cheap; nothing is kept."""
+    """None if the bytes (or a binary file) are a complete image within the pixel limit, else the reason;
+    nothing is kept. The limit is read from the header before any decode. Completeness: a JPEG that ends with
+    its EOI marker is complete (the caller decodes it next, once); any other file, and a JPEG with bytes after
+    its EOI, gets a decode here that fails on a truncated stream (JPEGs at 1/8 scale)."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
         with _named_errors():
-            with _open(data, max_pixels) as im:
+            with _open(stream, max_pixels) as im:
+                if im.format == "JPEG" and _ends_with_eoi(stream):
+                    return None
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
     except ImageError as e:
