@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import io
 import json
 import logging
 import random
@@ -21,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import webdataset as wds
-from PIL import Image
 
 from pipeline.chunking import balanced_chunks, chunk_texts, random_chunks, sample_subcaptions
+from pipeline.images import MAX_PIXELS, decode_image
 from pipeline.records import key_seed
 
 log = logging.getLogger("longcap.data")
@@ -78,20 +77,12 @@ class DataConfig:
     epoch_samples: int | None = None  # with resampled: samples per epoch per worker
     rank: int = 0
     world_size: int = 1
-    max_pixels: int = 89_478_485
+    max_pixels: int = MAX_PIXELS
     where: dict | None = None  # keep samples whose json "extra" has these values, e.g. {"split": "train"}
     mode: str = "caft"  # what a sample carries: caft (chunked captions) | goal | grouping (model/localdata.py)
     max_pairs: int = 4  # goal: local region-sentence pairs per sample (0: none)
     long_text: str = "stretch"  # goal: stretch (one row of long_context tokens) | chunk (rows of 77, whole sentences)
     long_context: int = 248  # goal, stretch: tokens per caption row
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        if im.width * im.height > max_pixels:
-            raise ValueError(f"{im.width}x{im.height} is over the pixel limit {max_pixels}")
-        im.load()
-        return im.convert("RGB")
 
 
 @functools.lru_cache(maxsize=4)
@@ -279,7 +270,7 @@ def loader(urls: list[str], cfg: DataConfig, num_workers: int = 2, context: str 
                                        multiprocessing_context=context if num_workers else None)
 
 
-def shard_images(urls: list[str], limit: int | None = None, max_pixels: int = 89_478_485):
+def shard_images(urls: list[str], limit: int | None = None, max_pixels: int = MAX_PIXELS):
     """PIL images (RGB) from the jpg members of webdataset shards (image or export shards), in order;
     undecodable members are skipped with a logged reason."""
     count = 0

@@ -25,8 +25,8 @@ import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
 
+from .images import check_image  # noqa: E402
 from .records import download_reason  # noqa: E402
 from .storage import atomic_write_bytes, atomic_write_table, tmp_name  # noqa: E402
 
@@ -47,42 +47,6 @@ def key_digits(shard_size: int) -> int:
 def make_key(shard_id: int, index: int, shard_size: int) -> str:
     k = key_digits(shard_size)
     return f"{shard_id * 10**k + index:0{SHARD_DIGITS + k}d}"
-
-
-def _ends_with_eoi(stream) -> bool:
-    """Whether a JPEG's last two bytes are its EOI marker. Entropy-coded data never holds FF D9 (a data FF is
-    followed by 00 or a restart marker), so a file cut short does not end with it."""
-    end = stream.seek(0, 2)
-    if end < 4:
-        return False
-    stream.seek(end - 2)
-    return stream.read(2) == b"\xff\xd9"
-
-
-def check_image(stream, max_pixels: float) -> str | None:
-    """None if the bytes are a complete image within the pixel limit, else the reason.
-
-    The pixel limit is read from the header before any decode. Completeness: a JPEG that ends with its EOI marker
-    is complete (the resizer decodes it next, once); any other file, and a JPEG with bytes after its EOI, gets a
-    decode here that fails on a truncated stream (a reduced-size decode for JPEG)."""
-    try:
-        with Image.open(stream) as im:  # header only
-            w, h = im.size
-            if w * h > max_pixels:
-                return f"pixel limit: {w}x{h} = {w * h} pixels > {int(max_pixels)}"
-            if im.format == "JPEG" and _ends_with_eoi(stream):
-                return None
-            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: cheap reduced decode, still reads every byte
-            im.load()
-    except Image.DecompressionBombError as e:
-        return f"pixel limit: {e}"
-    except UnidentifiedImageError:
-        return "not an image: cannot identify image file"
-    except (OSError, SyntaxError, ValueError) as e:
-        if "truncated" in str(e) or "broken data stream" in str(e):
-            return f"truncated image: {e}"
-        return f"decode error: {e}"
-    return None
 
 
 class CheckedResizer:

@@ -207,6 +207,22 @@ def test_export_model_scores_like_the_trained_model(world, tmp_path):
     assert json.loads(meta["config"])["name"] == "caft-tiny" and meta["step"] == "2"
 
 
+def test_training_writes_tensorboard_event_files_with_the_logged_losses(world, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from model.train import train
+
+    urls = world_shards(world, tmp_path / "shards")
+    train(tiny_cfg(steps=2, tensorboard=True), urls, tmp_path / "t")
+    assert list((tmp_path / "t" / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "t" / "tensorboard"))
+    events.Reload()
+    logged = losses(tmp_path / "t")
+    got = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(got) == sorted(logged) == [1, 2]
+    assert all(abs(got[s] - logged[s]) < 1e-5 for s in got)  # the same numbers as metrics.jsonl
+
+
 def test_resume_refuses_another_architecture(world, tmp_path):
     from model.train import train
 
