@@ -410,6 +410,8 @@ def test_ablate_trains_every_row_with_the_same_section(world, tmp_path, capsys):
     trained = json.loads(next((run / "ablation" / "siglip-tiny" / "seed-1").glob("step-*/train.json")).read_text())
     assert (trained["n_sub"], trained["k_chunks"], trained["seed"], trained["steps"]) == (1, 1, 1, 2)
     assert row_config(yaml_train(cfg), "ablate-tiny-hloss", 0, 2, "x").n_sub == 3
+    assert row_config(yaml_train(cfg), "flair-tiny", 0, 2, "x").n_sub == 3  # FLAIR: every sub-caption a text
+    assert t["claims"] == [] and t["device"] == "cpu"  # no pair of the paper's claims among these two rows
     out = capsys.readouterr().out
     assert "| siglip-tiny |" in out and "— |" in out
 
