@@ -11,7 +11,7 @@ training loss still moved over the last 20% of the steps (a check that the losse
     python benchmarks/gpu_ablation.py                    # full scale: 340 families (204 held-out images), 3 seeds
     python benchmarks/gpu_ablation.py --smoke            # CPU plumbing check (tests/test_ablation_bench.py)
 
-Runs go in parallel processes (--jobs); on a GPU they share it. Results: WORK/ablation.json and the
+Runs go in parallel child processes (--jobs); on a GPU they share it. Results: WORK/ablation.json and the
 markdown table on stdout.
 """
 
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +32,7 @@ from benchmarks.ablation_data import add_data_args, header, prepare, train_one  
 
 # full scale: >= 200 held-out images (one image < 0.5% of R@1), 3 seeds; steps: see BENCHMARKS.md
 FULL = dict(families=340, size=128, image_size=112, steps=1500, batch=64, seeds=[0, 1, 2], jobs=6, threads=2)
-SMOKE = dict(families=10, size=64, image_size=56, steps=2, batch=4, seeds=[0, 1], jobs=1, threads=1)
+SMOKE = dict(families=10, size=64, image_size=56, steps=2, batch=4, seeds=[0, 1], jobs=2, threads=1)
 
 
 def _one(job: dict) -> dict:
@@ -42,6 +43,18 @@ def _one(job: dict) -> dict:
     r = train_one(job["row"], job["seed"], job["urls"], job["truth"], args, Path(job["out"]), **job["train"])
     r["loss_flat"] = loss_drift(Path(job["out"]) / "metrics.jsonl")
     return r
+
+
+def _child(job: dict) -> dict:
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(json.dumps(job))
+    with open(out / "job.log", "w") as log:
+        rc = subprocess.run([sys.executable, __file__, "--job", str(out / "job.json")], stdout=log,
+                            stderr=subprocess.STDOUT).returncode
+    if rc:
+        raise RuntimeError(f"{job['row']} seed {job['seed']} failed (exit {rc}); see {out / 'job.log'}")
+    return json.loads((out / "result.json").read_text())
 
 
 def loss_drift(metrics: Path) -> float | None:
@@ -77,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-chunks", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny world, 2 steps, 2 seeds: the plumbing only")
     p.add_argument("--out", help="default: WORK/ablation.json")
+    p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job file, write its result.json
     args = p.parse_args(argv)
+    if args.job:
+        job = json.loads(Path(args.job).read_text())
+        Path(job["out"], "result.json").write_text(json.dumps(_one(job)))
+        return 0
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
@@ -94,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.work) / f"{row}-s{seed}-{args.steps}x{args.batch}-{args.image_size}px"
             jobs.append({"row": row, "seed": seed, "urls": urls, "truth": truth, "out": str(out), "train": train,
                          "args": {k: v for k, v in vars(args).items() if k in ("steps", "batch", "threads", "image_size")}})
-    if args.jobs > 1:
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            runs = pool.map(_one, jobs, chunksize=1)
+    if args.jobs > 1:  # one child process per run (its DataLoader workers fork from it as in `longcap train`)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(_child, jobs))
     else:
         runs = [_one(j) for j in jobs]
     results = []
