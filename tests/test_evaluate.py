@@ -358,9 +358,14 @@ def test_eval_cli_writes_results_and_records_broken_images(tmp_path, tiny_ckpt, 
     assert rc == 2 and "densely_captioned_images" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["flair-tiny", "ablate-tiny-no-part", "caft-tiny"])
+@pytest.mark.parametrize("name", ["flair-tiny", "ablate-tiny-visual", "caft-tiny"])
 def test_heatmaps_of_every_grounding_row(name):
-    """FLAIR (flat ViT: attention over patches) and -part-level (over superpixels) paint heat maps too."""
+    """FLAIR (flat ViT: attention over patches) and +visual (over the top-level segments) paint heat maps too;
+    -part-level (whole loss only) has no trained pooling and is refused."""
+    from model.grounding import text_heatmaps as heatmaps
+
+    with pytest.raises(ValueError, match="without the part-level loss"):
+        heatmaps(build("ablate-tiny-no-part").eval(), torch.randn(1, 3, 64, 64), ["a red circle"])
     from model.grounding import text_heatmaps
 
     torch.manual_seed(0)
