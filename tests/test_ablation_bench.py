@@ -1,4 +1,5 @@
-"""benchmarks/gpu_ablation.py --smoke: the one-command GPU ablation's plumbing on CPU (tiny world, 2 steps)."""
+"""benchmarks/gpu_ablation.py --smoke: the one-command GPU ablation's plumbing on CPU (tiny world, 2 steps, one seed, two
+runs at a time in child processes)."""
 
 import json
 
@@ -14,9 +15,9 @@ def test_gpu_ablation_smoke_writes_every_row_and_the_papers_claims(tmp_path, cap
     assert main(["--smoke", "--work", str(tmp_path)]) == 0
     t = json.loads((tmp_path / "ablation.json").read_text())
     rows = {r["row"]: r for r in t["rows"]}
-    assert list(rows) == ablation_names("tiny") and t["seeds"] == [0, 1] and t["steps"] == 2
+    assert list(rows) == ablation_names("tiny") and t["seeds"] == [0] and t["steps"] == 2
     for name, r in rows.items():
-        assert r["seeds"] == [0, 1] and len(r["i2t_r1"]["values"]) == 2, name
+        assert r["seeds"] == [0] and len(r["i2t_r1"]["values"]) == 1 and r["n_test"] == 6, name
         assert all(0 <= v <= 1 for v in r["t2i_r1"]["values"]), name
     # grounding only where the attention pooling is trained (FLAIR's TCS, CAFT's part loss)
     assert [n for n, r in rows.items() if r["miou"] is not None] == [
