@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from benchmarks.ablation_data import add_data_args, header, prepare, train_one  
 
 # full scale: >= 200 held-out images (one image < 0.5% of R@1), 3 seeds; steps: see BENCHMARKS.md
 FULL = dict(families=340, size=128, image_size=112, steps=1000, batch=64, seeds=[0, 1, 2], jobs=9, threads=1)
+PLANNED_S = 450  # what FULL should take on one H200 (18 runs, 9 at a time); to be measured by the GPU check
 SMOKE = dict(families=10, size=64, image_size=56, steps=2, batch=4, seeds=[0], jobs=2, threads=1)
 
 
@@ -90,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-chunks", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny world, 2 steps, 2 seeds: the plumbing only")
     p.add_argument("--out", help="default: WORK/ablation.json")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="cpu: hide the GPU from the runs (auto/cuda: train and evaluate on it when torch sees one)")
+    p.add_argument("--budget-s", type=float, help="seconds the whole ablation may take: the step count is scaled "
+                                                  f"by budget / {PLANNED_S} (the full scale is planned for "
+                                                  f"{PLANNED_S} s on one H200; not measured yet)")
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job file, write its result.json
     args = p.parse_args(argv)
     if args.job:
@@ -99,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
+    if args.device == "cpu":  # the runs' train() picks the GPU whenever torch sees one
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if args.budget_s and not args.smoke:
+        args.steps = max(50, min(args.steps, int(args.steps * args.budget_s / PLANNED_S)))
     rows = args.rows or ablation_names(args.model_size)
     t0 = time.time()
     urls, truth = prepare(args)
@@ -127,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     t = {"run": f"synthetic world {args.families}x3 ({args.work})", "steps": args.steps, "seeds": args.seeds,
          "size": args.model_size, "rows": results, "claims": claims(results), "header": header(args, urls),
          "data_seconds": round(data_s, 1), "wall_seconds": round(time.time() - t0, 1)}
+    t["table"] = format_ablation(t)
     out = Path(args.out or Path(args.work) / "ablation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(t, indent=2))
     print(t["header"])
-    print(format_ablation(t))
+    print(t["table"])
     print("loss drift over the last 20% of steps (per seed): " + "; ".join(
         f"{r['row']} " + " / ".join("—" if d is None else f"{d:+.3f}" for d in r["loss_drift"]) for r in results))
     print(f"wall {t['wall_seconds']} s (data {t['data_seconds']} s); wrote {out}")
