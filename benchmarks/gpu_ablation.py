@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--n-sub", type=int, default=4)
     p.add_argument("--k-chunks", type=int, default=2)
-    p.add_argument("--smoke", action="store_true", help="tiny world, 2 steps, 2 seeds: the plumbing only")
+    p.add_argument("--smoke", action="store_true", help="tiny world, 2 steps, one seed: the plumbing only")
     p.add_argument("--out", help="default: WORK/ablation.json")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="cpu: hide the GPU from the runs (auto/cuda: train and evaluate on it when torch sees one)")
