@@ -235,15 +235,42 @@ def dataset(urls: list[str], cfg: DataConfig):
         ds = wds.DataPipeline(*stages, wds.map(build), wds.select(_is_sample),
                               wds.batched(cfg.batch_size, collation_fn=batch, partial=not cfg.train))
         return ds.with_epoch(max(1, (cfg.epoch_samples or 10_000) // cfg.batch_size))
-    ds = wds.WebDataset(
-        urls, shardshuffle=(100 if cfg.train else False),
-        detshuffle=True, seed=cfg.seed + cfg.epoch, handler=_log_and_continue, empty_check=False,
-        nodesplitter=functools.partial(_split_by_rank, rank=cfg.rank, world_size=cfg.world_size),
-    )
-    if cfg.train:
-        ds = ds.shuffle(cfg.shuffle_buffer, rng=random.Random(cfg.seed * 1000 + cfg.epoch))
+    if cfg.train:  # one pass: every shard read once across ranks and workers, in an order no rank count changes
+        ds = wds.WebDataset(epoch_order(urls, cfg.seed, cfg.epoch), shardshuffle=False, handler=_log_and_continue,
+                            empty_check=False, workersplitter=wds.split_by_worker,
+                            nodesplitter=functools.partial(_split_by_rank, rank=cfg.rank, world_size=cfg.world_size))
+        ds = ds.compose(functools.partial(_shuffle_within_shard, seed=cfg.seed, epoch=cfg.epoch))
+    else:
+        ds = wds.WebDataset(urls, shardshuffle=False, handler=_log_and_continue, empty_check=False,
+                            nodesplitter=functools.partial(_split_by_rank, rank=cfg.rank, world_size=cfg.world_size))
     ds = ds.map(build).select(_is_sample)
     return ds.batched(cfg.batch_size, collation_fn=batch, partial=not cfg.train)
+
+
+def epoch_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The shards of one data epoch in their order, from (seed, epoch) alone: the same for any number of ranks,
+    which then take every world_size-th shard (and their DataLoader workers every num_workers-th of those)."""
+    order = sorted(urls)
+    random.Random(key_seed(seed, f"shards:{epoch}", "order")).shuffle(order)
+    return order
+
+
+def _shuffle_within_shard(src, seed: int, epoch: int):
+    """Each shard's samples in an order from (seed, epoch, shard): whichever rank or worker reads the shard gives
+    the same order (a sample buffer mixing shards would depend on which shards one rank holds). Holds one shard."""
+    def flush(group, url):
+        random.Random(key_seed(seed, f"samples:{epoch}", url)).shuffle(group)
+        yield from group
+
+    group, url = [], None
+    for sample in src:
+        if sample.get("__url__") != url and group:
+            yield from flush(group, url)
+            group = []
+        url = sample.get("__url__")
+        group.append(sample)
+    if group:
+        yield from flush(group, url)
 
 
 def loader(urls: list[str], cfg: DataConfig, num_workers: int = 2, context: str | None = None):

@@ -263,8 +263,13 @@ class TrainSection(Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1, description="global batch (all processes, all accumulation steps)")
     accum: int = Field(1, ge=1, description="gradient accumulation steps (negatives come from one micro-batch)")
-    epoch_samples: Optional[int] = Field(None, ge=1, description="samples per data epoch per process (shards are "
-                                         "resampled); default: the index's row count / processes")
+    sampling: Literal["epoch", "resampled"] = Field("epoch", description="epoch: each data epoch reads every shard "
+                                                    "once, split across processes and workers (a global drop_last); "
+                                                    "resampled: shards drawn with replacement per process")
+    epoch_samples: Optional[int] = Field(None, ge=1, description="sampling resampled: samples per data epoch per "
+                                         "process; default: the index's row count / processes")
+    record_keys: bool = Field(False, description="each process writes the sample keys of every micro-batch to "
+                              "<out>/keys-rank<R>.jsonl (to audit what was trained on)")
     lr: float = Field(5e-4, gt=0)
     min_lr: float = Field(0.0, ge=0, description="fraction of lr at the end of the cosine")
     warmup: int = Field(100, ge=0)

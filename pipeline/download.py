@@ -49,13 +49,29 @@ def make_key(shard_id: int, index: int, shard_size: int) -> str:
     return f"{shard_id * 10**k + index:0{SHARD_DIGITS + k}d}"
 
 
+def _ends_with_eoi(stream) -> bool:
+    """Whether a JPEG's last two bytes are its EOI marker. Entropy-coded data never holds FF D9 (a data FF is
+    followed by 00 or a restart marker), so a file cut short does not end with it."""
+    end = stream.seek(0, 2)
+    if end < 4:
+        return False
+    stream.seek(end - 2)
+    return stream.read(2) == b"\xff\xd9"
+
+
 def check_image(stream, max_pixels: float) -> str | None:
-    """None if the bytes are a complete image within the pixel limit, else the reason."""
+    """None if the bytes are a complete image within the pixel limit, else the reason.
+
+    The pixel limit is read from the header before any decode. Completeness: a JPEG that ends with its EOI marker
+    is complete (the resizer decodes it next, once); any other file, and a JPEG with bytes after its EOI, gets a
+    decode here that fails on a truncated stream (a reduced-size decode for JPEG)."""
     try:
         with Image.open(stream) as im:  # header only
             w, h = im.size
             if w * h > max_pixels:
                 return f"pixel limit: {w}x{h} = {w * h} pixels > {int(max_pixels)}"
+            if im.format == "JPEG" and _ends_with_eoi(stream):
+                return None
             im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: cheap reduced decode, still reads every byte
             im.load()
     except Image.DecompressionBombError as e:

@@ -244,18 +244,6 @@ def test_fsspec_shards_and_split_filter(world, tmp_path):
     assert len(keys) == sum(r["split"] == "test" for r in truth) > 0
 
 
-@pytest.mark.slow
-def test_ray_train_two_workers(ray_session, world, tmp_path):
-    from workflows.training import launch, plan
-
-    urls = world_shards(world, tmp_path / "shards")
-    cfg = tiny_cfg(steps=2, ray_workers=2, shards=urls, out=str(tmp_path / "ray"), batch_size=4)
-    res = launch(cfg, plan(cfg))
-    rows = [json.loads(x) for x in Path(tmp_path / "ray", "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and rows[0]["world_size"] == 2
-    assert res["step"] == 2 and load_model(tmp_path / "ray").cfg.name == "caft-tiny"
-
-
 def test_caft_scorer_embeds_like_the_model(world, tmp_path):
     import numpy as np
     from PIL import Image
