@@ -1,7 +1,7 @@
 """The trainer: one function that every launcher calls (one process, local DDP processes, Ray Train workers).
 
-DDP (gloo on CPU, NCCL on GPU), bf16 autocast on GPU, AdamW without weight decay on biases, norms and
-logit parameters, warmup + cosine, gradient clipping, logit-scale clamp, optional gradient
+DDP (gloo on CPU, NCCL on GPU), bf16 autocast on GPU, AdamW without weight decay on biases, norms, class
+tokens, position embeddings and logit parameters, warmup + cosine, gradient clipping, logit-scale clamp, optional gradient
 checkpointing, gradient accumulation, sigmoid losses with every rank's features as negatives
 (all-gather with gradients), metrics to JSONL + TensorBoard, a periodic evaluation, checkpoints that
 resume exactly (data position included), and a graceful stop on SIGTERM.
@@ -68,13 +68,24 @@ def run_eval(model, spec: EvalSpec, device: str = "cpu") -> dict:
     return out
 
 
+# parameters that are class tokens or position embeddings, by their own name (last dotted part): CAFT's
+# vision/text [CLS] and position tables, open_clip's and transformers' spellings (GOAL, GroupViT)
+TOKEN_NAMES = {"cls", "cls_token", "class_embedding", "pos", "chunk_pos", "pos_embed", "positional_embedding",
+               "position_embedding", "position_embeddings"}
+
+
+def no_decay(name: str, p) -> bool:
+    """No weight decay: biases, norms, gains (ndim < 2), class tokens, position embeddings, logit parameters."""
+    last = name.rsplit(".", 1)[-1]
+    return (p.ndim < 2 or "norm" in name or last == "bias" or "logit" in name or last in TOKEN_NAMES
+            or name.rsplit(".", 2)[-2:-1] == ["position_embedding"])  # nn.Embedding position tables: <name>.weight
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     decay, plain = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "norm" in name or name.endswith(".bias") or "logit" in name
-        (plain if skip else decay).append(p)
+        if p.requires_grad:
+            (plain if no_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 

@@ -53,7 +53,18 @@ def test_schedule_and_weight_decay_groups():
     assert "whole_logit.log_scale" in plain_names and "part_logit.bias" in plain_names
     assert all(p.ndim >= 2 for p in decay["params"]) and not any(n.endswith(".bias") for n in decay_names)
     assert any("norm" in n for n in plain_names) and "text.sub.tok.weight" in decay_names
+    # class tokens, position embeddings (CAFT: [1,1,D] and [77,D], [16,D] tables): no decay
+    assert {"vision.cls", "text.cls", "text.chunk_pos", "text.sub.pos"} <= plain_names
+    assert "vision.proj.weight" in decay_names and "pool.attn.in_proj_weight" in decay_names
     assert len(plain_names) + len(decay_names) == len(list(model.parameters()))
+    from model.registry import build as build_any
+
+    goal = build_any("goal-tiny")  # open_clip's spellings: class_embedding, positional_embedding, logit_scale
+    g_names = {id(p): n for n, p in goal.named_parameters()}
+    g_decay, g_plain = param_groups(goal, 0.2)
+    assert {"clip.visual.class_embedding", "clip.visual.positional_embedding", "clip.positional_embedding",
+            "clip.logit_scale"} <= {g_names[id(p)] for p in g_plain["params"]}
+    assert "clip.token_embedding.weight" in {g_names[id(p)] for p in g_decay["params"]}
 
 
 def _ddp_worker(rank, world, port, path, inputs):
