@@ -51,7 +51,7 @@ def select_two(first: np.ndarray, second: np.ndarray, threshold: float, margin: 
     flat = np.argsort(-total, axis=None, kind="stable")
     i, j = divmod(int(flat[0]), n)
     best = float(total[i, j])
-    gap = best - float(total.flat[flat[1]]) if n > 2 or np.isfinite(total.flat[flat[1]]) else None
-    kept = best >= threshold and (gap is None or gap > margin)
+    gap = best - float(total.flat[flat[1]])  # n >= 2: at least two (i, j) with i != j
+    kept = best >= threshold and gap > margin
     return {"regions": (i, j), "score": best, "margin": gap, "kept": bool(kept),
             "scores": (float(first[i]), float(second[j]))}
