@@ -245,7 +245,8 @@ def goal_records(regions: pa.Table, sentences: pa.Table) -> list[dict]:
         if r["status"] != OK:
             continue
         for c in usable.get(r["key"], []):
-            segs = [{"caption": m["sentence"], "similarity_score": round(m["score"], 6),
+            segs = [{"caption": m["sentence"],
+                     "similarity_score": round(m["score"], 6) if m["score"] is not None else None,
                      "bbox_coordinates": _pixels(r["regions"][m["region"]]["box"], r["width"], r["height"])}
                     for m in r["matches"]
                     if m["kept"] and m["captioner"] == c["captioner"] and m["prompt_id"] == c["prompt_id"]]

@@ -100,6 +100,12 @@ def test_scene_sentence_pairs_with_the_whole_image(tmp_path):
     assert scene["kind"] == "scene" and scene["kept"] and scene["score"] is None
     assert row["regions"][scene["region"]] == {"box": [0.0, 0.0, 1.0, 1.0], "source": "grid:whole:0", "score": None}
     assert obj["kind"] == "object" and obj["region"] == 1 and obj["kept"]  # the right half
+    from pipeline.regions import goal_records
+    meta, tar, st = shard_inputs(tmp_path, {"000": encode(two_colour_image(), quality=95)},
+                                 {"000": ["The background is beige."]})
+    out = RegionPairer(regions_cfg(), ColourScorer()).pair_shard(meta, tar, st)
+    assert goal_records(out, st)[0]["segment"] == [
+        {"caption": "The background is beige.", "similarity_score": None, "bbox_coordinates": [0, 0, 64, 64]}]
     row = pair_one(tmp_path, ["The background is beige."], [], division=["whole", "halves"])
     m = row["matches"][0]
     assert m["region"] == 0 and m["kept"] and m["score"] is not None and len(row["regions"]) == 5  # reused

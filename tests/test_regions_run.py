@@ -64,7 +64,7 @@ def test_every_key_has_regions_or_a_reason(run_dir, capsys):
             for g in r["regions"]:
                 x0, y0, x1, y1 = g["box"]
                 assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
-                assert (g["score"] is None) == g["source"].startswith("grid:")
+                assert (g["score"] is None) == (not g["source"].startswith("det:"))  # grid and union regions
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["regions"]["summary"]["samples_ok"] == 9
     assert (run_dir / "models" / "detector" / "weights.pt").exists()
