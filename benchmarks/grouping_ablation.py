@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # by file: pysbd installs a top-level `benchmarks` package
 
-from benchmarks.ablation_data import add_data_args, header, mean_sd, prepare, train_one  # noqa: E402
+from ablation_data import add_data_args, header, mean_sd, prepare, train_one  # noqa: E402
 
 LOSSES = (("", "contrastive + reconstruction", {}), ("-contrastive", "contrastive only", {"recon_weight": 0.0}),
           ("-recon", "reconstruction only", {"contrastive_weight": 0.0}))

@@ -275,6 +275,10 @@ class CaftSegments(nn.Module):
                 "pooled": groups.mean(1)}
 
 
+_NO_TEXT = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 1}  # random init: GroupViT's text tower is dropped, so build a minimal one
+
+
 class FrozenGroupViT(nn.Module):
     """The paper's image side: a pre-trained GroupViT (transformers' GroupViTModel, weights from a local
     save_pretrained folder or a hub id; random init from GroupViTVisionConfig fields when none is named: tests),
@@ -293,7 +297,8 @@ class FrozenGroupViT(nn.Module):
         if cfg.groupvit:
             full = GroupViTModel.from_pretrained(cfg.groupvit)
         else:
-            full = GroupViTModel(GroupViTConfig(vision_config=dict(cfg.groupvit_vision), projection_dim=cfg.embed_dim,
+            full = GroupViTModel(GroupViTConfig(vision_config=dict(cfg.groupvit_vision), text_config=_NO_TEXT,
+                                                projection_dim=cfg.embed_dim,
                                                 projection_intermediate_dim=4 * cfg.embed_dim))
         vc = full.config.vision_config
         if full.config.projection_dim != cfg.embed_dim:

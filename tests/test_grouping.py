@@ -243,6 +243,7 @@ def _batch(seed=0, b=6, n=2):
     return torch.randn(b, 3, 64, 64, generator=g), tokenize_words(rows).view(b, n, -1), valid
 
 
+@pytest.mark.slow  # builds grouping-base at full size (a 512-wide text side, GroupViT's 224 px vision side)
 def test_paper_setup_numbers_on_the_built_models_and_configs():
     from pathlib import Path
 
@@ -338,7 +339,8 @@ def test_groupvit_weights_come_from_a_local_pretrained_folder(tmp_path):
     from model.grouping import GROUPVIT_TINY
 
     torch.manual_seed(3)
-    src = GroupViTModel(GroupViTConfig(vision_config=GROUPVIT_TINY, projection_dim=256))
+    text = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}
+    src = GroupViTModel(GroupViTConfig(vision_config=GROUPVIT_TINY, text_config=text, projection_dim=256))
     src.save_pretrained(tmp_path / "gv")
     model = build("grouping-tiny", groupvit=str(tmp_path / "gv"))
     assert torch.equal(model.image.vision.embeddings.patch_embeddings.projection.weight,
