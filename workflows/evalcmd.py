@@ -19,9 +19,9 @@ def checkpoint_defaults(path: str) -> dict:
     folder = (latest(p) or p) if p.is_dir() else p.parent  # a training folder, a step-* folder, a model file
     try:
         cfg = json.loads((folder / "train.json").read_text())
-        return {"image_size": int(cfg.get("image_size", 224)), "k_chunks": int(cfg.get("k_chunks", 4))}
+        return {"image_size": int(cfg.get("image_size", 224)), "k_chunks": int(cfg.get("k_chunks", 4)), "known": True}
     except (OSError, ValueError, TypeError, AttributeError):
-        return {"image_size": 224, "k_chunks": 4}
+        return {"image_size": 224, "k_chunks": 4, "known": False}
 
 
 def checkpoint_label(path: str) -> str:
@@ -35,7 +35,8 @@ def checkpoint_label(path: str) -> str:
 def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, split: str | None = None,
                         annotations: str | None = None, images: str | None = None, image_size: int | None = None,
                         k_chunks: int | None = None, batch_size: int = 32, limit: int | None = None,
-                        device: str = "cpu", alpha: float | None = None, where: dict | None = None) -> dict:
+                        device: str = "cpu", alpha: float | None = None, where: dict | None = None,
+                        split_by: str | None = None) -> dict:
     from model import evalsets
     from model.checkpoint import load_model
     from model.evaluate import encode_set, refer_grounding, retrieval
@@ -43,12 +44,16 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, 
     model = load_model(checkpoint, device)
     d = checkpoint_defaults(checkpoint)
     size, k = image_size or getattr(model, "input_size", None) or d["image_size"], k_chunks or d["k_chunks"]
+    if d["known"] and k > d["k_chunks"] and getattr(getattr(model, "text", None), "chunk_pos", None) is not None:
+        raise evalsets.DatasetError(f"--k-chunks {k}: {checkpoint} was trained with K = {d['k_chunks']}; its "
+                                    f"whole-caption encoder never saw chunk positions past {d['k_chunks'] - 1}")
     out = {"dataset": dataset, "checkpoint": str(checkpoint), "model": model.cfg.name,
            "trained_steps": getattr(model, "trained_steps", None), "image_size": size, "k_chunks": k}
     t0 = time.time()
     if hasattr(model, "evaluate") and dataset == "synthetic":  # GOAL, grouping: their own measures
         out.update(_own_measures(model, root, where, size, k, batch_size, device))
-    elif hasattr(model, "evaluate") and (dataset in evalsets.REFER_SETS or not hasattr(model, "evaluate_set")):
+    elif hasattr(model, "evaluate") and (dataset in evalsets.REFER_SETS or dataset in evalsets.FGOVD_SETS
+                                         or not hasattr(model, "evaluate_set")):
         raise evalsets.DatasetError(f"{checkpoint}: a {model.cfg.name} model is not evaluated on {dataset}: "
                                     f"GOAL models on 'synthetic' and the retrieval sets, grouping models on "
                                     f"'synthetic' only")
@@ -59,11 +64,17 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, root: str | None = None, 
 
         if cannot_ground(model):
             raise evalsets.DatasetError(f"{checkpoint}: not evaluated on {dataset}: {cannot_ground(model)}")
-        items = evalsets.read_refer(_root(root, dataset), dataset, split or "val", images=images)
+        items = evalsets.read_refer(_root(root, dataset), dataset, split or "val", split_by, images=images)
         out["grounding"] = refer_grounding(model, items, size, device, limit)
         out["split"] = split or "val"
+    elif dataset in evalsets.FGOVD_SETS:
+        from model.evaluate import fgovd_accuracy
+
+        items, left = evalsets.read_fgovd(_root(root, dataset), dataset, images)
+        out["fgovd"] = fgovd_accuracy(model, items, size, k, batch_size, device, limit)
+        out["fgovd"]["left_out"] = len(left)  # annotations with fewer than 10 negatives (the benchmark's filter)
     else:
-        es = evalsets.retrieval_set(dataset, _root(root, dataset), split, annotations)
+        es = evalsets.retrieval_set(dataset, _root(root, dataset), split, annotations, images)
         if limit:
             es = _first_images(es, limit)
         if hasattr(model, "evaluate_set"):  # GOAL: global retrieval with its own long-text handling
@@ -160,7 +171,14 @@ def format_eval(r: dict) -> str:
     if g:
         lines.append(f"grounding mIoU {g['miou']:.3f} over {g['n']} texts (whole-image mask "
                      f"{g['baseline_whole_image_miou']:.3f})")
-    skipped = r.get("skipped", []) + (g or {}).get("skipped", [])
+        if "ciou" in g:
+            lines.append(f"  {g['protocol']}; cIoU {g['ciou']:.3f}, mIoU with Otsu's threshold {g['miou_otsu']:.3f}")
+    f = r.get("fgovd")
+    if f:
+        lines.append(f"FG-OVD accuracy {f['accuracy']:.3f} over {f['n']} objects, {f['n_captions']} captions each "
+                     f"(chance {f['chance']:.3f}); mean rank {f['mean_rank']:.2f}, median {f['median_rank']:.1f}; "
+                     f"{f['left_out']} annotations with fewer negatives left out")
+    skipped = r.get("skipped", []) + (g or {}).get("skipped", []) + (f or {}).get("skipped", [])
     if skipped:
         lines.append(f"  skipped {len(skipped)}: " + "; ".join(f"{s['item']}: {s['reason']}" for s in skipped[:5]))
     return "\n".join(lines)
@@ -170,7 +188,7 @@ def cmd_eval(args) -> int:
     where = dict(kv.split("=", 1) for kv in args.where) if args.where else None
     r = evaluate_checkpoint(args.checkpoint, args.dataset, args.root or (args.run if args.dataset == "synthetic"
                             else None), args.split, args.annotations, args.images, args.image_size, args.k_chunks,
-                            args.batch, args.limit, args.device, args.alpha, where)
+                            args.batch, args.limit, args.device, args.alpha, where, args.split_by)
     out = args.out or (str(Path(args.run, "eval", f"{args.dataset}-{checkpoint_label(args.checkpoint)}.json"))
                        if args.run else None)
     if out:
@@ -275,17 +293,20 @@ def cmd_ablate(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from model.evalsets import REFER_SETS, RETRIEVAL_SETS
+    from model.evalsets import FGOVD_SETS, REFER_SETS, RETRIEVAL_SETS
 
-    names = [*RETRIEVAL_SETS, *REFER_SETS, "synthetic"]
+    names = [*RETRIEVAL_SETS, *REFER_SETS, *FGOVD_SETS, "synthetic"]
     e = sub.add_parser("eval", help="retrieval (R@1/R@5 both ways, whole/part/CAFT++) or grounding (mIoU) of a model")
     e.add_argument("checkpoint", help="a training folder (its latest checkpoint) or a model .safetensors")
     e.add_argument("dataset", choices=names, metavar="DATASET", help=", ".join(names))
     e.add_argument("--root", help="the dataset's local copy (published layout; see model/evalsets.py)")
     e.add_argument("--run", help="a run directory: synthetic data from it, results written to RUN/eval/DATASET-MODEL.json")
-    e.add_argument("--split", help="dci: all|train|valid|test; docci: test; refcoco*: val|testA|testB|test")
+    e.add_argument("--split", help="dci: all|train|valid|test; docci: test; refcoco*: val|testA|testB|test; "
+                                   "coco-5k / flickr30k-1k: test (Karpathy)")
+    e.add_argument("--split-by", help="refcoco*: refer's refs(SPLIT_BY).p (default unc, unc, google as SaG uses them)")
     e.add_argument("--annotations", help="sharegpt4v: the annotation JSON if not under --root")
-    e.add_argument("--images", help="refcoco*: the COCO train2014 image folder if not under --root")
+    e.add_argument("--images", help="refcoco*: the COCO train2014 folder; fg-ovd-*: the COCO 2017 folder; coco-5k / "
+                                    "flickr30k-1k: the image root, if not under --root")
     e.add_argument("--where", nargs="*", help="synthetic: extra=value filters (default split=test)")
     e.add_argument("--image-size", type=int, help="default: the size the checkpoint was trained at")
     e.add_argument("--k-chunks", type=int, help="sub-captions in the whole caption (default: as trained)")
