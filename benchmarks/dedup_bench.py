@@ -80,8 +80,9 @@ def main() -> None:
     def verdict(x, y, hx, hy):
         d = min(dedup.hamming(np.array([hx[0]]), np.array([hy[0]]))[0],
                 dedup.hamming(np.array([hx[1]]), np.array([hy[0]]))[0])
-        frac = dedup.differing_fraction(x, y, params) if d <= params.max_distance else None
-        return int(d), frac, d <= params.max_distance and frac <= params.max_differing
+        diff = dedup.difference(x, y, params) if d <= params.max_distance else None
+        dup = diff is not None and diff[0] <= params.max_differing and diff[1] <= params.max_mean
+        return int(d), diff[0] if diff else None, dup
 
     rows = {}
     for name, fn in TRANSFORMS.items():
@@ -126,7 +127,7 @@ def main() -> None:
     t0 = time.perf_counter()
     pairs = [(fams[i][0], fams[i][1]) for i in range(min(40, len(fams)))]
     for x, y in pairs:
-        dedup.differing_fraction(x, y, params)
+        dedup.difference(x, y, params)
     verify_per_s = len(pairs) / (time.perf_counter() - t0)
     # index at scale: uniform random hashes (real pHashes cluster more: more candidates), self-join
     r = np.random.default_rng(0)

@@ -248,16 +248,41 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
     gather = gather_others if world > 1 else None
     bf16 = cuda and cfg.precision in ("auto", "bf16")
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    if cfg.sampling == "epoch" and cfg.epoch_samples and rank == 0:
+        log.warning("train.epoch_samples=%d has no effect with sampling: epoch (a data epoch is one pass over the "
+                    "shards); set sampling: resampled to use it", cfg.epoch_samples)
     epoch_samples = cfg.epoch_samples or epoch_samples or per_rank * 100
     context = "spawn" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else None
 
     def batches(ep: int):
         data = DataConfig(image_size=cfg.image_size, n_sub=cfg.n_sub, k_chunks=cfg.k_chunks, batch_size=per_rank,
-                          train=True, seed=cfg.seed, epoch=ep, resampled=True, epoch_samples=epoch_samples,
+                          train=True, seed=cfg.seed, epoch=ep, resampled=cfg.sampling == "resampled",
+                          epoch_samples=epoch_samples,
                           rank=rank, world_size=world, where=cfg.train_where or None, **_data_options(model))
         return iter(loader(shards, data, num_workers=cfg.workers, context=context))
 
+    def draw():
+        """The next micro-batch. sampling: epoch: when any rank's pass is done, every rank starts the next data
+        epoch together (DDP needs the same step count everywhere); what the others had left of that pass is
+        dropped, as drop_last would (none when the shards split evenly into whole batches)."""
+        nonlocal it, epoch, micro
+        for fresh in (False, True):
+            batch = next(it, None)
+            if world > 1 and cfg.sampling == "epoch":
+                have = torch.tensor([0 if batch is None else 1], device=device)
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)
+                batch = batch if have.item() else None
+            if batch is not None:
+                micro += 1
+                return batch
+            if fresh:
+                raise TrainConfigError(f"a data epoch of {len(shards)} shard(s) gives no full batch of "
+                                       f"{per_rank} per process (train.batch_size / processes / accum)")
+            epoch, micro = epoch + 1, 0
+            it = batches(epoch)
+
     metrics = Metrics(out, rank == 0, cfg.tensorboard)
+    keys_log = out / f"keys-rank{rank}.jsonl" if cfg.record_keys else None
     stop = _StopFlag()
     it = batches(epoch)
     for _ in range(micro):  # resume: the same stream, at the same place
@@ -270,14 +295,12 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
             t_step = time.time()
             for a in range(cfg.accum):
                 t0 = time.time()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    epoch, micro = epoch + 1, 0
-                    it = batches(epoch)
-                    batch = next(it)
-                micro += 1
+                batch = draw()
                 data_s += time.time() - t0
+                if keys_log:
+                    with open(keys_log, "a") as f:
+                        f.write(json.dumps({"step": step + 1, "epoch": epoch, "micro": micro, "rank": rank,
+                                            "keys": list(batch.get("keys", []))}) + "\n")
                 sync = net.no_sync() if world > 1 and a < cfg.accum - 1 else contextlib.nullcontext()
                 with sync, amp():
                     losses = net(**_inputs(model, batch, device), gather=gather)

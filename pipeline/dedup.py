@@ -23,14 +23,13 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import numpy as np
 from PIL import Image, ImageOps
 
-THUMB = 96  # side of the colour thumbnails compared in verification
-
-
 @dataclass(frozen=True)
 class NearParams:
-    max_distance: int = 12  # pHash bits (of 64) for a candidate pair
+    max_distance: int = 8  # pHash bits (of 64) for a candidate pair
     pixel_delta: float = 48.0  # a thumbnail pixel "differs" when its RGB distance is above this (0..441)
-    max_differing: float = 0.004  # a candidate is a duplicate when at most this fraction of pixels differs
+    max_differing: float = 0.0005  # a candidate is a duplicate when at most this fraction of pixels differs
+    max_mean: float = 12.0  # ... and the mean RGB distance is at most this (a changed background)
+    thumb: int = 128  # thumbnail side of the comparison (at most the smaller image's side)
     scales: tuple = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88)  # crops: the smaller image shows this share of the side
 
 
@@ -50,22 +49,23 @@ def normalise_url(url: str) -> str:
 
 
 def phash(img: Image.Image) -> tuple[int, int]:
-    """(pHash, pHash of the mirror image) as signed 64-bit ints (parquet-friendly)."""
+    """(pHash, pHash of the mirror image) as signed 64-bit ints (parquet-friendly). imagehash's pHash of the
+    32x32 grey thumbnail it would make itself, and of that thumbnail mirrored: one resize for both."""
     import imagehash
 
     def as_int(h) -> int:
         v = int(str(h), 16)
         return v - (1 << 64) if v >= 1 << 63 else v
 
-    return as_int(imagehash.phash(img)), as_int(imagehash.phash(ImageOps.mirror(img)))
+    small = img.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+    return as_int(imagehash.phash(small)), as_int(imagehash.phash(ImageOps.mirror(small)))
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x = np.bitwise_xor(a.astype(np.int64), b.astype(np.int64)).view(np.uint64)
-    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
+    return np.bitwise_count(np.bitwise_xor(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
 
 
-def lsh_tables(max_distance: int, bits: int = 16, recall: float = 0.98) -> int:
+def lsh_tables(max_distance: int, bits: int = 20, recall: float = 0.98) -> int:
     """Tables of `bits` sampled bits each so that a pair at max_distance shares a whole table key with
     probability >= recall (bit-sampling LSH for Hamming distance)."""
     p = (1 - max_distance / 64) ** bits
@@ -86,7 +86,7 @@ def _joined(sorted_keys: np.ndarray, order: np.ndarray, probe_keys: np.ndarray, 
     return np.repeat(probe_owner, counts), order[np.repeat(left, counts) + offs]
 
 
-def candidate_pairs(hashes, flips, max_distance: int, queries=None, query_flips=None, bits: int = 16,
+def candidate_pairs(hashes, flips, max_distance: int, queries=None, query_flips=None, bits: int = 20,
                     recall: float = 0.98, seed: int = 0) -> np.ndarray:
     """Index pairs within max_distance bits (directly or one of them mirrored).
 
@@ -113,10 +113,10 @@ def candidate_pairs(hashes, flips, max_distance: int, queries=None, query_flips=
         keys = _table_keys(uniq, positions)
         order = np.argsort(keys, kind="stable")
         a, b = _joined(keys[order], order, _table_keys(both, positions), owner)
-        found.append(np.stack([a, b], axis=1)[a != b] if self_join else np.stack([a, b], axis=1))
+        d = np.minimum(hamming(probe[a], uniq[b]), hamming(probe_flip[a], uniq[b]))
+        keep = (d <= max_distance) & ((a != b) if self_join else True)
+        found.append(np.stack([a[keep], b[keep]], axis=1))
     pairs = np.unique(np.concatenate(found), axis=0)
-    d = np.minimum(hamming(probe[pairs[:, 0]], uniq[pairs[:, 1]]), hamming(probe_flip[pairs[:, 0]], uniq[pairs[:, 1]]))
-    pairs = pairs[d <= max_distance]
     # back from unique hashes to input indices
     by_hash = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[by_hash], np.arange(len(uniq) + 1))
@@ -135,37 +135,41 @@ def candidate_pairs(hashes, flips, max_distance: int, queries=None, query_flips=
     return np.unique(res, axis=0)
 
 
-def thumbnail(img: Image.Image, side: int = THUMB) -> np.ndarray:
+def thumbnail(img: Image.Image, side: int) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.float32)
 
 
-def differing_fraction(a: Image.Image, b: Image.Image, params: NearParams = NearParams()) -> float:
-    """The smallest fraction of thumbnail pixels that differ by more than pixel_delta, over the alignments
-    tried: b as is or mirrored, b seen as a crop of a (or a of b) at each scale, at its best offset."""
+def difference(a: Image.Image, b: Image.Image, params: "NearParams" = None) -> tuple[float, float]:
+    """(fraction of pixels that differ by more than pixel_delta, mean RGB distance) at the best alignment
+    tried: b as is or mirrored, one image seen as a crop of the other at each scale, at its best offset
+    (template matching). Compared at the smaller image's resolution (at most `thumb` px a side), so a
+    downscaled copy is not blamed for the detail it cannot show."""
     import cv2
 
-    best = 1.0
+    params = params or NearParams()
+    side0 = max(16, min(params.thumb, *a.size, *b.size))
+    best = (1.0, 441.0)
     for big, small in ((a, b), (b, a)):
-        base = thumbnail(big)
+        base = thumbnail(big, side0)
         for mirror, scale in itertools.product((False, True), params.scales):
             if scale == 1.0 and big is b:
                 continue  # same as (a, b) at scale 1
-            im = ImageOps.mirror(small) if mirror else small
-            side = max(8, round(THUMB * scale))
-            t = thumbnail(im, side)
-            if side == THUMB:
-                dy = dx = 0
-            else:
+            side = max(8, round(side0 * scale))
+            t = thumbnail(ImageOps.mirror(small) if mirror else small, side)
+            dy = dx = 0
+            if side < side0:
                 score = cv2.matchTemplate(base, t, cv2.TM_SQDIFF)
                 dy, dx = np.unravel_index(int(np.argmin(score)), score.shape)
-            window = base[dy:dy + side, dx:dx + side]
-            diff = np.sqrt(((window - t) ** 2).sum(axis=2))
-            best = min(best, float((diff > params.pixel_delta).mean()))
+            diff = np.sqrt(((base[dy:dy + side, dx:dx + side] - t) ** 2).sum(axis=2))
+            cand = (float((diff > params.pixel_delta).mean()), float(diff.mean()))
+            best = min(best, cand)
     return best
 
 
-def is_near_duplicate(a: Image.Image, b: Image.Image, params: NearParams = NearParams()) -> bool:
-    return differing_fraction(a, b, params) <= params.max_differing
+def is_near_duplicate(a: Image.Image, b: Image.Image, params: NearParams = None) -> bool:
+    params = params or NearParams()
+    frac, mean = difference(a, b, params)
+    return frac <= params.max_differing and mean <= params.max_mean
 
 
 def first_of_groups(keys: list[str], pairs) -> dict[str, str]:

@@ -2,8 +2,6 @@
 the synthetic families' one-detail variants, deterministic groups, URL normalisation."""
 
 import io
-import random
-
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
@@ -76,15 +74,15 @@ def scenes():
 
 
 def test_copies_are_duplicates_and_family_variants_are_not(scenes):
-    rng = random.Random(0)
     for fam in scenes:
         a = fam[0]
-        w, h = a.size
-        crop = a.crop((int(0.03 * w), int(0.02 * h), w - int(0.02 * w), h - int(0.03 * h)))
-        for copy in (_jpeg(a, 40), a.resize((128, 128), Image.BILINEAR), ImageOps.mirror(a), crop):
-            assert dedup.is_near_duplicate(a, copy), dedup.differing_fraction(a, copy)
+        # what the defaults promise (benchmarks/dedup_bench.py): re-encodes at q >= 75, resizes, mirrors;
+        # heavier JPEG and crops are traded for never removing a one-detail variant
+        for copy in (_jpeg(a, 75), a.resize((128, 128), Image.BILINEAR), a.resize((384, 384), Image.BICUBIC),
+                     ImageOps.mirror(a)):
+            assert dedup.is_near_duplicate(a, copy), dedup.difference(a, copy)
         for variant in fam[1:]:  # one shape's colour, size, texture, digit or place, or the background, differs
-            assert not dedup.is_near_duplicate(a, variant), (dedup.differing_fraction(a, variant), rng)
+            assert not dedup.is_near_duplicate(a, variant), dedup.difference(a, variant)
 
 
 def test_phash_is_stable_and_mirror_aware(scenes):

@@ -207,6 +207,22 @@ def test_export_model_scores_like_the_trained_model(world, tmp_path):
     assert json.loads(meta["config"])["name"] == "caft-tiny" and meta["step"] == "2"
 
 
+def test_training_writes_tensorboard_event_files_with_the_logged_losses(world, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from model.train import train
+
+    urls = world_shards(world, tmp_path / "shards")
+    train(tiny_cfg(steps=2, tensorboard=True), urls, tmp_path / "t")
+    assert list((tmp_path / "t" / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "t" / "tensorboard"))
+    events.Reload()
+    logged = losses(tmp_path / "t")
+    got = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(got) == sorted(logged) == [1, 2]
+    assert all(abs(got[s] - logged[s]) < 1e-5 for s in got)  # the same numbers as metrics.jsonl
+
+
 def test_resume_refuses_another_architecture(world, tmp_path):
     from model.train import train
 
@@ -231,18 +247,6 @@ def test_fsspec_shards_and_split_filter(world, tmp_path):
     keys = [k for b in dataset(remote, cfg) for k in b["keys"]]
     truth = pq.read_table(world / "truth.parquet").to_pylist()
     assert len(keys) == sum(r["split"] == "test" for r in truth) > 0
-
-
-@pytest.mark.slow
-def test_ray_train_two_workers(ray_session, world, tmp_path):
-    from workflows.training import launch, plan
-
-    urls = world_shards(world, tmp_path / "shards")
-    cfg = tiny_cfg(steps=2, ray_workers=2, shards=urls, out=str(tmp_path / "ray"), batch_size=4)
-    res = launch(cfg, plan(cfg))
-    rows = [json.loads(x) for x in Path(tmp_path / "ray", "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and rows[0]["world_size"] == 2
-    assert res["step"] == 2 and load_model(tmp_path / "ray").cfg.name == "caft-tiny"
 
 
 def test_caft_scorer_embeds_like_the_model(world, tmp_path):
