@@ -56,7 +56,8 @@ def bench(images: int = 128, size: int = 256, weights: str = "yolo11n.yaml", con
 
     from pipeline.config import RegionsSection
     from pipeline.detector import Detector
-    from pipeline.regions import RegionPairer, crop, decode_image
+    from pipeline.images import decode_image
+    from pipeline.regions import RegionPairer, crop
     from pipeline.scorers import build_scorer
 
     torch.set_num_threads(threads)

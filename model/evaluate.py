@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.chunking import balanced_chunks
+from pipeline.images import MAX_PIXELS, decode_image
 
-from .data import DataConfig, dataset, decode_image, image_transform, selected, tokenize
+from .data import DataConfig, dataset, image_transform, selected, tokenize
 from .grounding import grounding_mask, iou, text_heatmaps
 
 
@@ -252,7 +253,7 @@ def _load_image(path: str, size: int, max_pixels: int):
 
 
 def encode_images(es, image_size: int, encode, batch_size: int = 32, device: str = "cpu",
-                  max_pixels: int = 89_478_485) -> tuple[list, list[int], list[dict]]:
+                  max_pixels: int = MAX_PIXELS) -> tuple[list, list[int], list[dict]]:
     """Every image of an EvalSet through `encode` (a batch [B,3,S,S] -> its outputs) in batches; unreadable ones
     are skipped with their reason. Returns (outputs per batch, indices of the encoded images, skipped)."""
     outs, ok = [], []
@@ -289,7 +290,7 @@ def text_mode(model) -> str:
 
 @torch.no_grad()
 def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, device: str = "cpu",
-               max_pixels: int = 89_478_485) -> dict:
+               max_pixels: int = MAX_PIXELS) -> dict:
     """Encode an EvalSet: every image once (unreadable ones skipped with their reason, with their texts), every
     caption as the model reads long text (text_mode): K balanced chunks, flat 77 tokens, or split chunks."""
     model.eval()
@@ -344,7 +345,7 @@ def square_image(path: str, size: int, max_pixels: int) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def refer_grounding(model, items: list, image_size: int, device: str = "cpu", limit: int | None = None,
-                    max_pixels: int = 89_478_485) -> dict:
+                    max_pixels: int = MAX_PIXELS) -> dict:
     """Referring-expression mIoU as SaG (Kim et al., 2023) evaluates it: every sentence of every ref counts;
     the whole image resized to the model's square input (no crop); each heat map resized back to the image's
     original size, min-max normalised, thresholded at 0.5; IoU against the full-resolution mask; mIoU = mean
@@ -401,7 +402,7 @@ def _crop(path: str, bbox: list[float], size: int, max_pixels: int) -> torch.Ten
 
 @torch.no_grad()
 def fgovd_accuracy(model, items: list, image_size: int, k_chunks: int = 4, batch_size: int = 32,
-                   device: str = "cpu", limit: int | None = None, max_pixels: int = 89_478_485) -> dict:
+                   device: str = "cpu", limit: int | None = None, max_pixels: int = MAX_PIXELS) -> dict:
     """FG-OVD for an image-text model (no detector): each annotated object's box crop against its positive
     caption and its hard negatives; the positive's rank is 1 + the number of negatives scoring at least as high
     (ties against the model, as the benchmark's ranks.py counts). accuracy = share of rank 1; mean/median rank

@@ -55,7 +55,8 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def cannot_ground(model) -> str | None:
     """Why a model's attention maps mean nothing (None: they do). Only a CAFT-family model trained with the
-    part-level loss (CAFT, FLAIR, -part-level) has trained its sub-caption attention pooling."""
+    part-level loss (CAFT, +textual) or FLAIR's
+    text-conditioned loss (FLAIR, +visual) has trained its sub-caption attention pooling."""
     if getattr(model, "kind", "caft") != "caft":
         return (f"a {model.cfg.name} model ({model.kind}) has no sub-caption attention to draw: heat maps come "
                 f"from CAFT-family models trained with the part loss (caft-*, flair-*)")

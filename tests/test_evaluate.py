@@ -423,7 +423,7 @@ def test_eval_cli_writes_results_and_records_broken_images(tmp_path, tiny_ckpt, 
     assert written.name == f"docci-{tiny_ckpt.parent.name}.json"  # named after the checkpoint: no overwrites
     r = json.loads(written.read_text())
     assert r["retrieval"]["n"] == 2 and r["retrieval"]["n_texts"] == 2
-    assert r["skipped"][0]["item"].endswith("test_00001.jpg") and "UnidentifiedImageError" in r["skipped"][0]["reason"]
+    assert r["skipped"][0]["item"].endswith("test_00001.jpg") and "not an image" in r["skipped"][0]["reason"]
     assert set(r["retrieval"]) >= {"whole", "part", "caftpp"}
     out = capsys.readouterr().out
     assert "skipped 1" in out and written.name in out
@@ -438,9 +438,14 @@ def test_eval_cli_writes_results_and_records_broken_images(tmp_path, tiny_ckpt, 
     assert rc == 2 and "densely_captioned_images" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["flair-tiny", "ablate-tiny-no-part", "caft-tiny"])
+@pytest.mark.parametrize("name", ["flair-tiny", "ablate-tiny-visual", "caft-tiny"])
 def test_heatmaps_of_every_grounding_row(name):
-    """FLAIR (flat ViT: attention over patches) and -part-level (over superpixels) paint heat maps too."""
+    """FLAIR (flat ViT: attention over patches) and +visual (over the top-level segments) paint heat maps too;
+    -part-level (whole loss only) has no trained pooling and is refused."""
+    from model.grounding import text_heatmaps as heatmaps
+
+    with pytest.raises(ValueError, match="without the part-level loss"):
+        heatmaps(build("ablate-tiny-no-part").eval(), torch.randn(1, 3, 64, 64), ["a red circle"])
     from model.grounding import text_heatmaps
 
     torch.manual_seed(0)
@@ -490,6 +495,8 @@ def test_ablate_trains_every_row_with_the_same_section(world, tmp_path, capsys):
     trained = json.loads(next((run / "ablation" / "siglip-tiny" / "seed-1").glob("step-*/train.json")).read_text())
     assert (trained["n_sub"], trained["k_chunks"], trained["seed"], trained["steps"]) == (1, 1, 1, 2)
     assert row_config(yaml_train(cfg), "ablate-tiny-hloss", 0, 2, "x").n_sub == 3
+    assert row_config(yaml_train(cfg), "flair-tiny", 0, 2, "x").n_sub == 3  # FLAIR: every sub-caption a text
+    assert t["claims"] == [] and t["device"] == "cpu"  # no pair of the paper's claims among these two rows
     out = capsys.readouterr().out
     assert "| siglip-tiny |" in out and "— |" in out
 

@@ -32,5 +32,7 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     assert parts["regions"]["images"] == 4 and parts["regions"]["ratio"] > 0
     cap = parts["captioner"]
     assert cap["images"] == 4 and cap["backend_tokens_per_s"] > 0 and cap["same_text"] == "4/4"
+    ab = parts["ablation"]  # the paper rows, tiny, every row trained and evaluated
+    assert ab["table"] and len(ab["rows"]) >= 5 and ab["claims"]
     summary = (tmp_path / "summary.txt").read_text()
     assert "caft-tiny" in summary and "regions: stage" in summary and "captioner hf" in summary

@@ -204,8 +204,9 @@ def cmd_eval(args) -> int:
 
 
 def row_config(base, row: str, seed: int, steps: int, out: str):
-    """The run's train section for one ablation row: same data, steps and schedule; flat-text rows get one
-    77-token caption (N = K = 1), as SigLIP trains."""
+    """The run's train section for one ablation row: same data, steps and schedule; the flat-text SigLIP row
+    gets one 77-token caption (N = K = 1), as SigLIP trains. FLAIR's rows take every one of the N
+    sub-captions as a text of both its losses (model/losses.py)."""
     from model.caft import CONFIGS
 
     c = CONFIGS[row]
@@ -215,7 +216,7 @@ def row_config(base, row: str, seed: int, steps: int, out: str):
 
 
 def ablate(run: str, size: str = "tiny", rows: list[str] | None = None, seeds: list[int] = (0,),
-           steps: int | None = None) -> dict:
+           steps: int | None = None, device: str = "auto") -> dict:
     from model.caft import ablation_names
     from pipeline.config import load_config
     from .training import launch, plan
@@ -223,6 +224,7 @@ def ablate(run: str, size: str = "tiny", rows: list[str] | None = None, seeds: l
     cfg = load_config(str(Path(run, "run.yaml")))
     if cfg.train is None:
         raise FileNotFoundError(f"{run}/run.yaml has no train section: ablate trains each row with it")
+    device = _device(device)
     names = rows or ablation_names(size)
     steps = steps or cfg.train.steps
     results = []
@@ -232,15 +234,24 @@ def ablate(run: str, size: str = "tiny", rows: list[str] | None = None, seeds: l
             tc = row_config(cfg.train, row, seed, steps, str(Path(run, "ablation", row, f"seed-{seed}")))
             t0 = time.time()
             p = dict(plan(tc, run), eval=None)  # evaluated below, exactly as `longcap eval ... synthetic`
-            res = launch(tc, p)
+            res = launch(tc, p)  # trains on the GPU when torch sees one
             if res.get("stopped") or res.get("step") != steps:
                 raise RuntimeError(f"ablation row {row} seed {seed} stopped at step {res.get('step')}; rerun to resume")
             seconds = round(time.time() - t0, 1)
-            ev = evaluate_checkpoint(tc.out, "synthetic", run, where=tc.eval_where or {"split": "test"})
-            runs.append({"seed": seed, "eval": ev, "train_seconds": seconds})
+            ev = evaluate_checkpoint(tc.out, "synthetic", run, where=tc.eval_where or {"split": "test"}, device=device)
+            runs.append({"seed": seed, "eval": ev, "train_seconds": seconds, "last": res.get("last", {})})
             log.info("ablation %s seed %d: %s", row, seed, format_eval(ev))
         results.append(_row_summary(row, runs))
-    return {"run": run, "steps": steps, "seeds": list(seeds), "size": size, "rows": results}
+    return {"run": run, "steps": steps, "seeds": list(seeds), "size": size, "device": device, "rows": results,
+            "claims": claims(results)}
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _stats(xs: list[float]) -> dict | None:
@@ -250,7 +261,15 @@ def _stats(xs: list[float]) -> dict | None:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
 
+METRICS = {"i2t_r1": ("retrieval", "whole", "i2t_r1"), "t2i_r1": ("retrieval", "whole", "t2i_r1"),
+           "part_i2t_r1": ("retrieval", "part", "i2t_r1"), "part_t2i_r1": ("retrieval", "part", "t2i_r1"),
+           "caftpp_i2t_r1": ("retrieval", "caftpp", "i2t_r1"), "caftpp_t2i_r1": ("retrieval", "caftpp", "t2i_r1"),
+           "miou": ("grounding", "miou")}
+
+
 def _row_summary(row: str, runs: list[dict]) -> dict:
+    from model.caft import row_label
+
     def pick(path):
         vals = []
         for r in runs:
@@ -260,31 +279,73 @@ def _row_summary(row: str, runs: list[dict]) -> dict:
             vals.append(x)
         return _stats(vals)
 
-    return {"row": row, "seeds": [r["seed"] for r in runs],
-            "i2t_r1": pick(("retrieval", "whole", "i2t_r1")), "t2i_r1": pick(("retrieval", "whole", "t2i_r1")),
-            "caftpp_i2t_r1": pick(("retrieval", "caftpp", "i2t_r1")),
-            "caftpp_t2i_r1": pick(("retrieval", "caftpp", "t2i_r1")),
-            "miou": pick(("grounding", "miou")), "n_test": runs[0]["eval"]["retrieval"]["n"],
+    return {"row": row, "label": row_label(row), "seeds": [r["seed"] for r in runs],
+            **{k: pick(path) for k, path in METRICS.items()}, "n_test": runs[0]["eval"]["retrieval"]["n"],
             "train_seconds": [r["train_seconds"] for r in runs], "runs": runs}
+
+
+def paired(better: dict, worse: dict, metric: str) -> dict | None:
+    """The paper's claim "`better` above `worse`" on `metric`, seed by seed (same seeds, same data)."""
+    a, b = better.get(metric), worse.get(metric)
+    if a is None or b is None:
+        return None
+    seeds = [s for s in better["seeds"] if s in worse["seeds"]]
+    diffs = [a["values"][better["seeds"].index(s)] - b["values"][worse["seeds"].index(s)] for s in seeds]
+    wins = sum(d > 0 for d in diffs)
+    mean = statistics.fmean(diffs)
+    verdict = ("holds in every seed" if wins == len(diffs) else "holds in the mean only" if mean > 0
+               else "no difference" if mean == 0 and not any(diffs) else "does not hold")
+    return {"better": better["row"], "worse": worse["row"], "metric": metric, "seeds": seeds, "diffs": diffs,
+            "mean_diff": statistics.fmean(diffs), "wins": wins, "verdict": verdict}
+
+
+def claims(rows: list[dict]) -> list[dict]:
+    """The paper's claims (§4.4, Table 3) that the rows present can test: each Table 3 row above the one
+    before it, CAFT above -part-level alignment, CAFT's grounding above FLAIR's."""
+    by = {}
+    for r in rows:
+        for key in ("flair", "visual", "textual", "hloss", "no-part"):
+            if r["row"].startswith(key + "-") or r["row"].endswith("-" + key):
+                by[key] = r
+    pairs = [(b, w) for b, w in (("visual", "flair"), ("textual", "visual"), ("hloss", "textual"),
+                                 ("hloss", "no-part")) if b in by and w in by]
+    out = [c for b, w in pairs for m in ("i2t_r1", "t2i_r1") if (c := paired(by[b], by[w], m))]
+    if "hloss" in by and "flair" in by and (c := paired(by["hloss"], by["flair"], "miou")):
+        out.append(c)
+    return out
 
 
 def format_ablation(t: dict) -> str:
     def cell(s):
         return "—" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
 
+    def seeds(s):
+        return "—" if s is None else " / ".join(f"{v:.3f}" for v in s["values"])
+
     head = (f"ablation on {t['run']}: {t['steps']} steps, seeds {t['seeds']}, held-out images "
-            f"{t['rows'][0]['n_test'] if t['rows'] else 0} (mean ± std over seeds)")
-    lines = [head, "| row | I→T R@1 | T→I R@1 | CAFT++ I→T | CAFT++ T→I | grounding mIoU |", "|---|---|---|---|---|---|"]
+            f"{t['rows'][0]['n_test'] if t['rows'] else 0} (mean ± std over seeds; per seed below)")
+    lines = [head, "| row | config | I→T R@1 | T→I R@1 | text-cond. I→T / T→I | CAFT++ I→T | CAFT++ T→I | "
+                   "grounding mIoU |", "|---|---|---|---|---|---|---|---|"]
     for r in t["rows"]:
-        lines.append(f"| {r['row']} | {cell(r['i2t_r1'])} | {cell(r['t2i_r1'])} | {cell(r['caftpp_i2t_r1'])} | "
+        lines.append(f"| {r.get('label', r['row'])} | {r['row']} | {cell(r['i2t_r1'])} | {cell(r['t2i_r1'])} | "
+                     f"{cell(r.get('part_i2t_r1'))} / {cell(r.get('part_t2i_r1'))} | {cell(r['caftpp_i2t_r1'])} | "
                      f"{cell(r['caftpp_t2i_r1'])} | {cell(r['miou'])} |")
+    lines.append("per seed (I→T; T→I; mIoU):")
+    for r in t["rows"]:
+        lines.append(f"  {r['row']}: {seeds(r['i2t_r1'])}; {seeds(r['t2i_r1'])}; {seeds(r['miou'])}")
+    if t.get("claims"):
+        lines.append("the paper's claims, paired by seed (differences better - worse):")
+        for c in t["claims"]:
+            lines.append(f"  {c['better']} > {c['worse']} on {c['metric']}: {c['verdict']} "
+                         f"(mean {c['mean_diff']:+.3f}, {c['wins']}/{len(c['diffs'])} seeds; "
+                         + ", ".join(f"{d:+.3f}" for d in c["diffs"]) + ")")
     return "\n".join(lines)
 
 
 def cmd_ablate(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = args.rows.split(",") if args.rows else None
-    t = ablate(args.run, args.size, rows, seeds, args.steps)
+    t = ablate(args.run, args.size, rows, seeds, args.steps, args.device)
     out = args.out or str(Path(args.run, "ablation.json"))
     Path(out).write_text(json.dumps(t, indent=2))
     print(format_ablation(t))
@@ -321,8 +382,11 @@ def add_commands(sub) -> None:
     a = sub.add_parser("ablate", help="train every ablation row with a run's train section; the paper-style table")
     a.add_argument("run", help="a finished run directory (export/ + run.yaml with a train section)")
     a.add_argument("--size", default="tiny", choices=["tiny", "b16"])
-    a.add_argument("--rows", help="comma-separated config names (default: siglip, flair and the ablation rows)")
+    a.add_argument("--rows", help="comma-separated config names (default: the Table 3 rows FLAIR, +visual, +textual, "
+                                  "+hierarchical loss = CAFT, -part-level, then siglip, not in the paper)")
     a.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     a.add_argument("--steps", type=int, help="default: the run's train.steps")
+    a.add_argument("--device", default="auto", help="evaluation device (auto: cuda when torch sees one); "
+                                                    "training uses the GPU whenever torch sees one")
     a.add_argument("--out", help="default: RUN/ablation.json")
     a.set_defaults(fn=cmd_ablate)
