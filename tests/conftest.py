@@ -48,3 +48,13 @@ def demo_config(run_dir, **overrides):
 def fresh_dir(tmp_path):
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+SLOW_TIMEOUT = 900  # s: whole runs on 2 shared cores; the global limit (pyproject: timeout = 300) is for the rest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests without their own @pytest.mark.timeout get SLOW_TIMEOUT instead of the global limit."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
