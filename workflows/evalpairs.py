@@ -10,9 +10,6 @@ some region of the image reaches the IoU (the best any matcher could do).
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
-
-import pyarrow.parquet as pq
 import torch
 from torchvision.ops import box_iou
 
@@ -42,7 +39,7 @@ def pair_metrics(items: list[dict], min_iou: float = 0.5) -> dict:
 def collect_items(run: RunDir, shards: list[int], stage: str = "regions") -> tuple[dict, int]:
     """Per sentence kind, the evaluation items of every regions row whose image has synthetic truth."""
     truth = {r["id"]: {s["text"]: s for s in r["sentences"]}
-             for r in pq.read_table(Path(run.synth_dir) / "truth.parquet", columns=["id", "sentences"]).to_pylist()}
+             for r in read_table(run.synth("truth.parquet"), ["id", "sentences"]).to_pylist()}
     items, unmatched = defaultdict(list), 0
     for shard in shards:
         if not run.is_done(stage, shard):
