@@ -135,31 +135,35 @@ def read_train_json(ckpt: str | Path) -> dict:
 
 
 def save_checkpoint(folder: str | Path, model, state: dict, train_cfg: dict, keep: int = 2) -> str:
-    """Write step-N/ under a tmp name, move it into place, then point `latest` at it (by rename: last).
-    On object stores the move is a copy; `latest` still names only complete checkpoints."""
+    """Write step-N/, then point `latest` at it (written last, by rename), so `latest` names only complete
+    checkpoints. Locally step-N/ is written under a tmp name and renamed; an object store has no folder
+    rename, so there the files go straight into step-N/ (unreferenced until `latest` names it)."""
     fs, root = _fs(folder)
+    local = "file" in fs.protocol
     fs.makedirs(root, exist_ok=True)
     step = int(state["step"])
     name = f"step-{step:07d}"
-    tmp = _join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
-    fs.makedirs(tmp, exist_ok=True)
-    save_model(model, _join(folder, tmp.rsplit("/", 1)[1] + "/model.safetensors"), step)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    fs.pipe_file(_join(tmp, "state.pt"), buf.getvalue())
-    fs.pipe_file(_join(tmp, "train.json"), json.dumps(train_cfg, indent=2, default=str).encode())
     final = _join(root, name)
     if fs.exists(final):
         fs.rm(final, recursive=True)
-    fs.mv(tmp, final, recursive=True)
+    stage = _join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}") if local else final
+    fs.makedirs(stage, exist_ok=True)
+    save_model(model, _join(folder, stage.rsplit("/", 1)[1] + "/model.safetensors"), step)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    fs.pipe_file(_join(stage, "state.pt"), buf.getvalue())
+    fs.pipe_file(_join(stage, "train.json"), json.dumps(train_cfg, indent=2, default=str).encode())
+    if local:
+        fs.mv(stage, final)
     pointer = _join(root, f".latest-{uuid.uuid4().hex[:8]}")
     fs.pipe_file(pointer, (name + "\n").encode())
     fs.mv(pointer, _join(root, "latest"))
-    done = sorted(e["name"] for e in fs.ls(root, detail=True)
+    entries = fs.ls(root, detail=True)
+    done = sorted(e["name"] for e in entries
                   if e["type"] == "directory" and e["name"].rsplit("/", 1)[-1].startswith("step-"))
     for old in done[:-keep]:
         fs.rm(old, recursive=True)
-    for e in fs.ls(root, detail=True):
+    for e in entries:
         if e["name"].rsplit("/", 1)[-1].startswith(".tmp-"):
             fs.rm(e["name"], recursive=True)
     return _join(folder, name)

@@ -117,7 +117,7 @@ def cmd_status(args) -> int:
     from .rundir import RunDir
     from .status import format_status, run_status
 
-    st = run_status(RunDir(args.run))
+    st = run_status(RunDir(args.run), full=args.full)
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return 0 if st["accounted"] else EXIT_FAILED
 
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="per-stage progress and the accounting of every input URL")
     s.add_argument("run")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--full", action="store_true",
+                   help="count from every shard's files, not the progress summaries (slow on large runs)")
     s.set_defaults(fn=cmd_status)
 
     y = sub.add_parser("synth", help="write a synthetic world (images, urls.parquet, truth.parquet)")

@@ -86,6 +86,28 @@ class RunDir:
             return self.images(f"{shard_name(shard)}.parquet")
         return self.path(STAGE_DIRS[stage], f"{shard_name(shard)}.parquet")
 
+    def stage_dir(self, stage: str) -> str:
+        """The folder of a stage's per-shard outputs (download: images/, this run's or input.images_from's)."""
+        return self.images() if stage == "download" else self.path(STAGE_DIRS[stage])
+
+    def committed(self, stage: str) -> set[int]:
+        """Shard ids whose output file exists, from one listing of the stage folder (not one check per shard)."""
+        fs, folder = fsspec.core.url_to_fs(self.stage_dir(stage))
+        try:
+            names = fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return set()
+        out = set()
+        for n in names:
+            base = n.rsplit("/", 1)[-1]
+            if base.endswith(".parquet") and base[:-8].isdigit():
+                out.add(int(base[:-8]))
+        return out
+
+    def progress(self, stage: str) -> str:
+        """progress/<stage>.json: the stage's summary that `status` reads (workflows/progress.py)."""
+        return self.path("progress", f"{STAGE_DIRS[stage]}.json")
+
     def shard_input(self, shard: int) -> str:
         return self.images("_shards", f"{shard_name(shard)}.parquet")
 
