@@ -200,10 +200,11 @@ def cmd_synth(args) -> None:
                           "build_s": round(time.time() - t0, 1),
                           "record_ms_per_shard_stage": round(1000 * record_s / n, 3),
                           "driver_rss_mb_peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                          "last": shard_name(args.shards - 1)}), flush=True)
+                          "last": shard_name(args.shards - 1), "run": str(run)}), flush=True)
         print(json.dumps({"bench": "status", "shards": args.shards, **time_status(run, False, args.repeats)}), flush=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_nodes(args) -> None:
@@ -265,5 +266,6 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--repeat-caption", type=int, default=20)
     ap.add_argument("--tmp", default=None)
+    ap.add_argument("--keep", action="store_true", help="synth: keep the run (its folder is printed)")
     a = ap.parse_args()
     {"runner": cmd_runner, "synth": cmd_synth, "nodes": cmd_nodes}[a.mode](a)
