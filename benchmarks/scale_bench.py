@@ -161,9 +161,14 @@ def cmd_runner(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    """A run of N shards without Ray: plan, every stage's outputs, and the runner's own commit bookkeeping."""
-    from pipeline.download import shard_name
-    from pipeline.storage import atomic_write_table
+    """A run of N shards without Ray: the plan, every stage's output files (the dry stages' bytes), progress
+    summaries and manifest entries; the last 1000 shards of each stage go through the runner's own commit
+    bookkeeping (Runner._record), timed, the rest are added to the summaries in memory (same result)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from workflows import progress
     from workflows.rundir import RunDir
     from workflows.runner import Runner
 
@@ -178,33 +183,88 @@ def cmd_synth(args) -> None:
         rd.plan(cfg)
         plan_s = time.time() - t0
         runner = Runner(cfg, rd, progress=False)
-        from workflows import progress
-
-        for s in STAGES:
-            runner.summaries[s] = progress.StageSummary(s, args.shards)
         t0 = time.time()
-        record_s = 0.0
-        for shard in range(args.shards):
-            for s in STAGES:
-                atomic_write_table(rd.output(s, shard), dry_table(s, shard))
-                from workflows.status import stage_counts
+        timed = set(range(max(0, args.shards - 1000), args.shards))
+        record_s, n_timed = 0.0, 0
+        for s in STAGES:
+            summary = runner.summaries[s] = progress.StageSummary(s, args.shards)
+            folder = Path(rd.stage_dir(s))
+            folder.mkdir(parents=True, exist_ok=True)
+            from workflows.status import stage_counts
 
-                rows, u, err = stage_counts(rd, s, shard)  # what run_worker returns, computed the same way
-                t1 = time.time()
-                runner._record(s, shard, {"status": "done", "rows": ROWS, "ok": ROWS - 1, "seconds": 0.0,
-                                          "counts": {"rows": dict(rows), "urls": dict(u or {}), "error": err}})
-                record_s += time.time() - t1
+            for shard in range(args.shards):
+                buf = io.BytesIO()
+                pq.write_table(dry_table(s, shard), buf)
+                (folder / f"{shard:05d}.parquet").write_bytes(buf.getvalue())
+                if shard == 0:
+                    rows, urls_, err = stage_counts(rd, s, 0)
+                entry = {"status": "done", "rows": ROWS, "ok": ROWS - 1, "seconds": 0.0}
+                if shard in timed:
+                    t1 = time.time()
+                    runner._record(s, shard, {**entry, "counts": {"rows": dict(rows), "urls": dict(urls_ or {}),
+                                                                  "error": err}})
+                    record_s += time.time() - t1
+                    n_timed += 1
+                else:
+                    summary.add(shard, f"{shard:05d}", rows, urls_)
+                    runner.manifest["stages"].setdefault(s, {"shards": {}})["shards"][f"{shard:05d}"] = entry
         runner._save_manifest()
-        n = args.shards * len(STAGES)
         print(json.dumps({"bench": "synth-run", "shards": args.shards, "plan_s": round(plan_s, 2),
                           "build_s": round(time.time() - t0, 1),
-                          "record_ms_per_shard_stage": round(1000 * record_s / n, 3),
+                          "record_ms_per_commit": round(1000 * record_s / max(n_timed, 1), 3),
+                          "manifest_mb": round((run / "manifest.json").stat().st_size / 1e6, 1),
                           "driver_rss_mb_peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                          "last": shard_name(args.shards - 1), "run": str(run)}), flush=True)
+                          "run": str(run)}), flush=True)
         print(json.dumps({"bench": "status", "shards": args.shards, **time_status(run, False, args.repeats)}), flush=True)
+        if args.full:
+            print(json.dumps({"bench": "status", "shards": args.shards, **time_status(run, True, 1)}), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_status_only(args) -> None:
+    """`status` alone at N shards: plan.json, one empty placeholder file per shard and stage (status lists the
+    folders; it opens only outputs its summary does not know), and the progress summaries as the runner leaves
+    them after N commits. Says nothing about the runner; measures status's own cost at N."""
+    from pipeline.storage import atomic_write_json
+    from workflows import progress
+    from workflows.rundir import RunDir
+    from workflows.status import stage_counts
+
+    tmp = Path(tempfile.mkdtemp(prefix="scale-", dir=args.tmp))
+    try:
+        run = tmp / "run"
+        urls = tmp / "urls.parquet"
+        url_list(urls, ROWS)
+        cfg = config(run, urls, 1)
+        rd = RunDir(str(run))
+        rd.check_config(cfg)
+        rd.plan(cfg)  # one real shard: its outputs give the counts every placeholder shard is said to have
+        counts = {}
+        for s in STAGES:
+            from pipeline.storage import atomic_write_table
+
+            atomic_write_table(rd.output(s, 0), dry_table(s, 0))
+            counts[s] = stage_counts(rd, s, 0)
+        atomic_write_json(rd.images("_shards", "plan.json"), {"shards": args.shards, "rows": args.shards * ROWS,
+                                                             "shard_size": ROWS, "sources": [str(urls)]})
+        t0 = time.time()
+        for s in STAGES:
+            folder = Path(rd.stage_dir(s))
+            summary = progress.StageSummary(s, args.shards)
+            rows, u, _ = counts[s]
+            for shard in range(args.shards):
+                if shard:
+                    (folder / f"{shard:05d}.parquet").touch()
+                summary.add(shard, f"{shard:05d}", rows, u)
+            progress.save(rd.progress(s), summary)
+        print(json.dumps({"bench": "status-only-build", "shards": args.shards, "build_s": round(time.time() - t0, 1)}),
+              flush=True)
+        print(json.dumps({"bench": "status", "shards": args.shards, "placeholders": True,
+                          **time_status(run, False, args.repeats)}), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_nodes(args) -> None:
@@ -261,11 +321,12 @@ def cmd_nodes(args) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["runner", "synth", "nodes"])
+    ap.add_argument("mode", choices=["runner", "synth", "status", "nodes"])
     ap.add_argument("--shards", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--repeat-caption", type=int, default=20)
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--keep", action="store_true", help="synth: keep the run (its folder is printed)")
+    ap.add_argument("--full", action="store_true", help="synth: also time `status --full`")
     a = ap.parse_args()
-    {"runner": cmd_runner, "synth": cmd_synth, "nodes": cmd_nodes}[a.mode](a)
+    {"runner": cmd_runner, "synth": cmd_synth, "status": cmd_status_only, "nodes": cmd_nodes}[a.mode](a)

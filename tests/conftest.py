@@ -27,9 +27,9 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
+def s3_endpoint(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 for the session (the port the environment already names)."""
-    with moto_server(S3_PORT) as url:
+    with moto_server(S3_PORT, str(tmp_path_factory.mktemp("moto") / "server.log")) as url:
         yield url
 
 

@@ -29,10 +29,12 @@ def loopback_env(port: int) -> dict:
 
 
 @contextmanager
-def moto_server(port: int):
-    """`python -m moto.server` on 127.0.0.1:port until the block ends; yields the endpoint URL."""
+def moto_server(port: int, log_path: str = os.devnull):
+    """`python -m moto.server` on 127.0.0.1:port until the block ends; yields the endpoint URL.
+    Its request log goes to a file (never a pipe nobody reads: the server blocks once the pipe is full)."""
+    log = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -42,7 +44,7 @@ def moto_server(port: int):
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"moto server exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+                    raise RuntimeError(f"moto server exited {proc.returncode} (log: {log_path})")
                 if time.time() > deadline:
                     raise RuntimeError(f"moto server on {url} did not answer within 60 s")
                 time.sleep(0.1)
@@ -54,6 +56,7 @@ def moto_server(port: int):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def new_bucket(name: str) -> str:

@@ -64,7 +64,7 @@ def test_demo_on_s3_end_to_end_with_nothing_on_local_disk(ray_session, s3_bucket
 
     fs, base = fsspec.core.url_to_fs(run)
     for name in ("run.yaml", "manifest.json", "images/00000.tar", "captions/00000.parquet", "sentences/00000.parquet",
-                 "regions/00000.parquet", "regions-caft/00000.parquet", "export/00000.tar", "export/index.parquet",
+                 "regions/00000.parquet", "regions-caft/00000.parquet", "export/00000-000.tar", "export/index.parquet",
                  "models/caft-tiny/metrics.jsonl", "models/caft-tiny/step-0000004/model.safetensors",
                  "report/eval_pairs.json", "eval/synthetic-caft-tiny.json", "report/index.html", "synth/truth.parquet"):
         assert fs.exists(f"{base}/{name}"), name

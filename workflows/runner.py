@@ -117,6 +117,7 @@ class Runner:
         self.progress = progress and sys.stderr.isatty()
         self.manifest = run.load_manifest()
         self.summaries: dict = {}  # stage -> progress.StageSummary (progress/<stage>.json)
+        self._done: dict = {}  # stage -> committed shard ids
         self._saved_at, self._save_cost = 0.0, 0.0
 
     # ---------------------------------------------------------------- bookkeeping
@@ -126,6 +127,8 @@ class Runner:
         detail; rewritten at most about once a second and at the end, since at 100k shards it is large)."""
         name = shard_name(shard)
         counts = entry.pop("counts", None)
+        if entry["status"] == "done":
+            self._committed(stage).add(shard)
         summary = self.summaries.get(stage)
         if summary is not None:
             if entry["status"] == "done":
@@ -153,6 +156,13 @@ class Runner:
         self.run.save_manifest(self.manifest)
         self._saved_at, self._save_cost = time.time(), time.time() - t0
 
+    def _committed(self, stage: str) -> set[int]:
+        """Shards with an output, from one listing per stage at the start (not one existence check per shard:
+        100k HEAD requests on object storage), kept up to date as shards commit."""
+        if stage not in self._done:
+            self._done[stage] = self.run.committed(stage)
+        return self._done[stage]
+
     def _next_stage(self, stage: str) -> str | None:
         return next((s for s in self.stages if upstream(s, self.cfg) == stage), None)
 
@@ -172,17 +182,17 @@ class Runner:
         pending = {s: collections.deque() for s in self.stages}
         for shard in shards:
             for stage in self.stages:
-                if self.run.is_done(stage, shard):
+                if shard in self._committed(stage):
                     continue
                 up = upstream(stage, self.cfg)
-                if up is None or self.run.is_done(up, shard):
+                if up is None or shard in self._committed(up):
                     pending[stage].append(shard)
                 elif up == "download" and self.cfg.input.images_from:
                     result.blocked[(stage, shard)] = f"input.images_from run {self.cfg.input.images_from} has no images for it"
                 elif up not in self.stages:
                     result.blocked[(stage, shard)] = f"needs {up} output first (run with --stages {up},{stage})"
                 break
-        if "regions" in self.stages and any(not self.run.is_done("regions", s) for s in shards):
+        if "regions" in self.stages and any(s not in self._committed("regions") for s in shards):
             self._prepare(shards, pending, result)
         need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
         with (serve_folder(self.run.serve_dir(self.cfg)) if need_server else contextlib.nullcontext()) as base:
@@ -202,7 +212,7 @@ class Runner:
             err = f"detector training failed: {error_text(e)}"
             log.error(err)
             for shard in shards:
-                if not self.run.is_done("regions", shard):
+                if shard not in self._committed("regions"):
                     result.failed[("regions", shard)] = err
                     self._record("regions", shard, {"status": "failed", "error": err, "attempts": 1})
             pending["regions"].clear()
@@ -216,12 +226,12 @@ class Runner:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         for stage in self.stages:  # a local Ray cannot grow: an actor it cannot place would wait forever
             need, have = actor_gpus(stage, self.cfg), ray.cluster_resources().get("GPU", 0)
-            if need > have and self.cfg.ray.address is None and not all(self.run.is_done(stage, s) for s in shards):
+            if need > have and self.cfg.ray.address is None and not set(shards) <= self._committed(stage):
                 raise ConfigError(f"{stage}: an actor needs {need:g} GPU(s) (captioners[].gpus, regions.num_gpus) but the Ray "
                                   f"cluster has {have:g}; set gpus: 0 to run on CPU")
         task_limit = self.cfg.ray.download_tasks or max(1, cpus)
         bars = {s: tqdm(total=len(shards), desc=f"{s:>9}", unit="shard", position=i, leave=True,
-                        disable=not self.progress, initial=sum(self.run.is_done(s, x) for x in shards))
+                        disable=not self.progress, initial=len(self._committed(s) & set(shards)))
                 for i, s in enumerate(self.stages)}
         samples = collections.Counter()
         started = {}
@@ -302,7 +312,7 @@ class Runner:
                                  shard_name(shard), summary.get("rows", 0), summary.get("ok", 0),
                                  summary.get("seconds", 0), rate)
                     nxt = self._next_stage(stage)
-                    if nxt and not self.run.is_done(nxt, shard):
+                    if nxt and shard not in self._committed(nxt):
                         pending[nxt].append(shard)
         finally:
             for b in bars.values():

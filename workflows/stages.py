@@ -156,7 +156,7 @@ class ExportWorker:
 
 def write_export_index(run_dir: RunDir, shards: list[int]) -> int | None:
     """export/index.parquet: the exported keys of every shard, once all shards are exported."""
-    if not all(run_dir.is_done("export", s) for s in shards):
+    if not set(shards) <= run_dir.committed("export"):
         return None
     parts = [read_table(run_dir.output("export", s)) for s in shards]
     index = pa.concat_tables(parts).filter(pa.compute.field("exported"))
