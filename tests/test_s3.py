@@ -75,7 +75,7 @@ def test_demo_on_s3_end_to_end_with_nothing_on_local_disk(ray_session, s3_bucket
     imgs = fs.ls(f"{base}/report/img")
     assert imgs and all(f'src="img/{p.rsplit("/", 1)[1]}"' in page for p in imgs)
     ev = json.loads(fs.cat_file(f"{base}/eval/synthetic-caft-tiny.json"))
-    assert ev["trained_steps"] == 4 and ev["retrieval"]["whole"]["n"] == 3  # family 0 of 5 held out
+    assert ev["trained_steps"] == 4 and ev["retrieval"]["n"] == 3  # family 0 of 5 held out
 
     # resume reads the checkpoint back from S3: nothing to train, no new metrics rows
     assert main(["run", run, "--no-progress"]) == 0
@@ -84,6 +84,7 @@ def test_demo_on_s3_end_to_end_with_nothing_on_local_disk(ray_session, s3_bucket
     assert [json.loads(r)["step"] for r in rows if '"loss"' in r] == [2, 4]
 
     # nothing of the run on local disk: not in the working directory, the temp folder, or Ray's session folder
-    assert list(sandbox.iterdir()) == [] and list(tmp.iterdir()) == []
+    assert list(sandbox.iterdir()) == []
+    assert [p for p in tmp.rglob("*") if p.is_file()] == []  # (libraries leave empty scratch folders, e.g. wandb's)
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     assert _local_run_files(session, since) == []
