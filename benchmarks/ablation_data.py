@@ -96,7 +96,7 @@ def train_one(model: str, seed: int, urls: list[str], truth: str, args, out: Pat
     cfg = TrainSection(model=model, steps=args.steps, batch_size=args.batch, seed=seed, image_size=args.image_size,
                        workers=1, log_every=50, ckpt_every=args.steps, eval_every=0, tensorboard=False,
                        threads=args.threads, train_where={"split": "train"}, eval_where={"split": "test"},
-                       epoch_samples=50 * args.batch, **train_kw)
+                       sampling="resampled", epoch_samples=50 * args.batch, **train_kw)  # as recorded
     spec = EvalSpec(urls, where={"split": "test"}, truth=truth, image_size=args.image_size,
                     k_chunks=cfg.k_chunks)
     timing = Path(out) / "ablation_seconds.json"  # a finished run is only re-evaluated (the trainer resumes at the end)

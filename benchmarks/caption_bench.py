@@ -60,10 +60,11 @@ def bench_hf(model_dir, meta, tar, blobs, args) -> dict:
 
     torch.set_num_threads(args.threads)
     prompts = {k: PromptSection(**v) for k, v in DEFAULT_PROMPTS.items()}
+    device = getattr(args, "device", "cpu")
     entry = CaptionerSection(name="hf", backend="hf", model=str(model_dir), prompts=["long"], batch_size=args.batch,
-                             generation={"max_new_tokens": args.tokens})
+                             device=device, generation={"max_new_tokens": args.tokens})
     cap = build_captioner(entry, [], prompts, QualitySection())
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).to(device).eval()
     proc = AutoProcessor.from_pretrained(model_dir)
     proc.tokenizer.padding_side = "left"
     text = proc.apply_chat_template(chat_messages(prompts["long"], {"type": "image"}), add_generation_prompt=True)
@@ -72,26 +73,39 @@ def bench_hf(model_dir, meta, tar, blobs, args) -> dict:
         out = []
         for i in range(0, len(blobs), args.batch):
             images = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs[i:i + args.batch]]
-            inputs = proc(text=[text] * len(images), images=images, padding=True, return_tensors="pt")
+            inputs = proc(text=[text] * len(images), images=images, padding=True, return_tensors="pt").to(device)
             with torch.inference_mode():
                 ids = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False,
                                      pad_token_id=proc.tokenizer.pad_token_id)
-            out += proc.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = ids[:, inputs["input_ids"].shape[1]:]
+            counts.append(int((new != proc.tokenizer.pad_token_id).sum()))
+            out += proc.batch_decode(new, skip_special_tokens=True)
         return out
 
+    counts: list[int] = []
+
     plain(), cap.caption_shard(meta.slice(0, args.batch), tar)  # warm-up
-    best = {"plain": 0.0, "backend": 0.0}
+    best = {"plain": 0.0, "backend": 0.0, "plain_tok": 0.0, "backend_tok": 0.0}
+    ratios = []
     for _ in range(args.repeats):
+        counts.clear()
         t0 = time.perf_counter()
         texts = plain()
-        best["plain"] = max(best["plain"], len(blobs) / (time.perf_counter() - t0))
+        plain_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         rows = cap.caption_shard(meta, tar)
-        best["backend"] = max(best["backend"], len(blobs) / (time.perf_counter() - t0))
+        backend_s = time.perf_counter() - t0
+        best["plain"] = max(best["plain"], len(blobs) / plain_s)
+        best["backend"] = max(best["backend"], len(blobs) / backend_s)
+        best["plain_tok"] = max(best["plain_tok"], sum(counts) / plain_s)
+        best["backend_tok"] = max(best["backend_tok"], sum(rows["n_tokens"].to_pylist()) / backend_s)
+        ratios.append(round(plain_s / backend_s, 3))
     same = sum(a.strip() == b for a, b in zip(texts, rows["text"].to_pylist()))
-    return {"bench": "hf", "images": len(blobs), "batch": args.batch, "max_new_tokens": args.tokens,
+    return {"bench": "hf", "device": device, "images": len(blobs), "batch": args.batch, "max_new_tokens": args.tokens,
             "plain_images_per_s": round(best["plain"], 2), "backend_images_per_s": round(best["backend"], 2),
-            "ratio": round(best["backend"] / best["plain"], 3), "same_text": f"{same}/{len(blobs)}"}
+            "plain_tokens_per_s": round(best["plain_tok"], 1), "backend_tokens_per_s": round(best["backend_tok"], 1),
+            "ratio": round(best["backend"] / best["plain"], 3), "per_repeat_ratios": ratios,
+            "same_text": f"{same}/{len(blobs)}"}
 
 
 def bench_openai(model_dir, meta, tar, blobs, args) -> dict:
@@ -155,6 +169,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (hf)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", choices=["hf", "openai"], default=None)
+    ap.add_argument("--device", default="cpu", help="hf: torch device of both sides")
     args, _ = ap.parse_known_args()
 
     from pipeline.tiny_vlm import build_tiny_vlm

@@ -49,7 +49,7 @@ def plain_loop(urls, cfg, batch: bool = True) -> int:
     rows into batches of cfg.batch_size (the work a trainer needs done; the loader always does it)."""
     import torch
 
-    from model.data import decode_image, image_transform, pick_texts, tokenize
+    from model.data import decode_image, image_transform, pick_texts, tokenize  # decode_image: pipeline.images
 
     n = 0
     tf = image_transform(cfg.image_size)

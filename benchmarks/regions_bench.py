@@ -48,6 +48,68 @@ def make_shard(out: Path, n: int, size: int, seed: int = 0):
     return pa.Table.from_pylist(meta), str(out / "00000.tar"), pa.Table.from_pylist(sents, schema=SENTENCES)
 
 
+def bench(images: int = 128, size: int = 256, weights: str = "yolo11n.yaml", conf: float = 0.25, imgsz: int = 256,
+          clip_model: str = "ViT-S-32", clip_size: int = 96, threads: int = 1, repeats: int = 3,
+          device: str = "cpu", log=print) -> dict:
+    """Stage vs raw libraries on one synthetic shard; returns the summary (best images/s of each side)."""
+    import torch
+
+    from pipeline.config import RegionsSection
+    from pipeline.detector import Detector
+    from pipeline.images import decode_image
+    from pipeline.regions import RegionPairer, crop
+    from pipeline.scorers import build_scorer
+
+    torch.set_num_threads(threads)
+    cfg = RegionsSection(detector={"weights": weights, "imgsz": imgsz, "conf": conf},
+                         scorer={"model": clip_model, "image_size": clip_size})
+    detector = Detector(cfg.detector, weights, device)
+    scorer = build_scorer(cfg.scorer, device)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    pairer = RegionPairer(cfg, scorer, detector)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta, tar, sents = make_shard(Path(tmp), images, size)
+        out = pairer.pair_shard(meta, tar, sents)  # warm-up; also gives the crops the baseline encodes
+        from pipeline.export import image_members
+
+        decoded = [decode_image(f["jpg"], 1e9, 1024, 1) for _, f in image_members(tar)]
+        arrays = [np.ascontiguousarray(np.asarray(im)[:, :, ::-1]) for im in decoded]
+        crops = [crop(im, g["box"]) for im, r in zip(decoded, out.to_pylist()) for g in r["regions"]]
+        texts = sorted({s for ss in sents["sentences"].to_pylist() for s in ss})
+        best = {"stage": 0.0, "raw": 0.0}
+        for rep in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            pairer.pair_shard(meta, tar, sents)
+            sync()
+            stage = len(decoded) / (time.perf_counter() - t0)
+            best["stage"] = max(best["stage"], stage)
+            t = [time.perf_counter()]
+            for i in range(0, len(arrays), cfg.detector.batch):
+                detector.predict(arrays[i:i + cfg.detector.batch])
+            sync()
+            t.append(time.perf_counter())
+            scorer.encode_images(crops)
+            t.append(time.perf_counter())
+            scorer.encode_texts(texts)
+            t.append(time.perf_counter())
+            raw = len(decoded) / (t[-1] - t[0])
+            best["raw"] = max(best["raw"], raw)
+            log(json.dumps({"repeat": rep, "stage_images_per_s": round(stage, 2), "raw_images_per_s": round(raw, 2),
+                            "ratio": round(stage / raw, 3),
+                            "raw_s": {"yolo": round(t[1] - t[0], 2), "crops": round(t[2] - t[1], 2),
+                                      "texts": round(t[3] - t[2], 2)}}))
+    n_det = sum(g["source"].startswith("det:") for r in out.to_pylist() for g in r["regions"])
+    return {"summary": True, "device": device, "images": len(decoded), "crops": len(crops), "detections": n_det,
+            "sentences_unique": len(texts), "threads": threads, "weights": weights,
+            "clip": f"{clip_model}@{clip_size}", "stage_images_per_s": round(best["stage"], 2),
+            "raw_images_per_s": round(best["raw"], 2), "ratio": round(best["stage"] / best["raw"], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=128)
@@ -59,53 +121,10 @@ def main() -> None:
     ap.add_argument("--clip-size", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray actor with num_cpus=1 has 1)")
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-
-    import torch
-
-    from pipeline.config import RegionsSection
-    from pipeline.detector import Detector
-    from pipeline.regions import RegionPairer, crop, decode_image
-    from pipeline.scorers import build_scorer
-
-    torch.set_num_threads(args.threads)
-    cfg = RegionsSection(detector={"weights": args.weights, "imgsz": args.imgsz, "conf": args.conf},
-                         scorer={"model": args.clip_model, "image_size": args.clip_size})
-    detector = Detector(cfg.detector, args.weights, "cpu")
-    scorer = build_scorer(cfg.scorer, "cpu")
-    pairer = RegionPairer(cfg, scorer, detector)
-    with tempfile.TemporaryDirectory() as tmp:
-        meta, tar, sents = make_shard(Path(tmp), args.images, args.size)
-        out = pairer.pair_shard(meta, tar, sents)  # warm-up; also gives the crops the baseline encodes
-        from pipeline.export import image_members
-
-        images = [decode_image(f["jpg"], 1e9, 1024, 1) for _, f in image_members(tar)]
-        arrays = [np.ascontiguousarray(np.asarray(im)[:, :, ::-1]) for im in images]
-        crops = [crop(im, g["box"]) for im, r in zip(images, out.to_pylist()) for g in r["regions"]]
-        texts = sorted({s for ss in sents["sentences"].to_pylist() for s in ss})
-        best = {"stage": 0.0, "raw": 0.0}
-        for rep in range(args.repeats):
-            t0 = time.perf_counter()
-            pairer.pair_shard(meta, tar, sents)
-            best["stage"] = max(best["stage"], len(images) / (time.perf_counter() - t0))
-            t = [time.perf_counter()]
-            for i in range(0, len(arrays), cfg.detector.batch):
-                detector.predict(arrays[i:i + cfg.detector.batch])
-            t.append(time.perf_counter())
-            scorer.encode_images(crops)
-            t.append(time.perf_counter())
-            scorer.encode_texts(texts)
-            t.append(time.perf_counter())
-            best["raw"] = max(best["raw"], len(images) / (t[-1] - t[0]))
-            print(json.dumps({"repeat": rep, "stage_images_per_s": round(best["stage"], 2),
-                              "raw_images_per_s": round(best["raw"], 2),
-                              "raw_s": {"yolo": round(t[1] - t[0], 2), "crops": round(t[2] - t[1], 2),
-                                        "texts": round(t[3] - t[2], 2)}}), flush=True)
-    n_det = sum(g["source"].startswith("det:") for r in out.to_pylist() for g in r["regions"])
-    print(json.dumps({"summary": True, "images": len(images), "crops": len(crops), "detections": n_det,
-                      "sentences_unique": len(texts), "threads": args.threads, "weights": args.weights,
-                      "clip": f"{args.clip_model}@{args.clip_size}", "stage_images_per_s": round(best["stage"], 2),
-                      "raw_images_per_s": round(best["raw"], 2), "ratio": round(best["stage"] / best["raw"], 3)}))
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    print(json.dumps(bench(a.images, a.size, a.weights, a.conf, a.imgsz, a.clip_model, a.clip_size, a.threads,
+                           a.repeats, a.device)))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = [["download_bench.py"], ["sentences_bench.py"], ["loader_bench.py"], ["model_bench.py"],
-           ["caption_bench.py"], ["regions_bench.py"]]
+           ["caption_bench.py"], ["regions_bench.py"], ["chunking_drop.py"]]
 
 if __name__ == "__main__":
     rc = 0

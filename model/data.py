@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import io
 import json
 import logging
 import random
@@ -21,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import webdataset as wds
-from PIL import Image
 
 from pipeline.chunking import balanced_chunks, chunk_texts, random_chunks, sample_subcaptions
+from pipeline.images import MAX_PIXELS, decode_image
 from pipeline.records import key_seed
 
 log = logging.getLogger("longcap.data")
@@ -78,20 +77,12 @@ class DataConfig:
     epoch_samples: int | None = None  # with resampled: samples per epoch per worker
     rank: int = 0
     world_size: int = 1
-    max_pixels: int = 89_478_485
+    max_pixels: int = MAX_PIXELS
     where: dict | None = None  # keep samples whose json "extra" has these values, e.g. {"split": "train"}
     mode: str = "caft"  # what a sample carries: caft (chunked captions) | goal | grouping (model/localdata.py)
     max_pairs: int = 4  # goal: local region-sentence pairs per sample (0: none)
     long_text: str = "stretch"  # goal: stretch (one row of long_context tokens) | chunk (rows of 77, whole sentences)
     long_context: int = 248  # goal, stretch: tokens per caption row
-
-
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        if im.width * im.height > max_pixels:
-            raise ValueError(f"{im.width}x{im.height} is over the pixel limit {max_pixels}")
-        im.load()
-        return im.convert("RGB")
 
 
 @functools.lru_cache(maxsize=4)
@@ -235,15 +226,42 @@ def dataset(urls: list[str], cfg: DataConfig):
         ds = wds.DataPipeline(*stages, wds.map(build), wds.select(_is_sample),
                               wds.batched(cfg.batch_size, collation_fn=batch, partial=not cfg.train))
         return ds.with_epoch(max(1, (cfg.epoch_samples or 10_000) // cfg.batch_size))
-    ds = wds.WebDataset(
-        urls, shardshuffle=(100 if cfg.train else False),
-        detshuffle=True, seed=cfg.seed + cfg.epoch, handler=_log_and_continue, empty_check=False,
-        nodesplitter=functools.partial(_split_by_rank, rank=cfg.rank, world_size=cfg.world_size),
-    )
-    if cfg.train:
-        ds = ds.shuffle(cfg.shuffle_buffer, rng=random.Random(cfg.seed * 1000 + cfg.epoch))
+    if cfg.train:  # one pass: every shard read once across ranks and workers, in an order no rank count changes
+        ds = wds.WebDataset(epoch_order(urls, cfg.seed, cfg.epoch), shardshuffle=False, handler=_log_and_continue,
+                            empty_check=False, workersplitter=wds.split_by_worker,
+                            nodesplitter=functools.partial(_split_by_rank, rank=cfg.rank, world_size=cfg.world_size))
+        ds = ds.compose(functools.partial(_shuffle_within_shard, seed=cfg.seed, epoch=cfg.epoch))
+    else:
+        ds = wds.WebDataset(urls, shardshuffle=False, handler=_log_and_continue, empty_check=False,
+                            nodesplitter=functools.partial(_split_by_rank, rank=cfg.rank, world_size=cfg.world_size))
     ds = ds.map(build).select(_is_sample)
     return ds.batched(cfg.batch_size, collation_fn=batch, partial=not cfg.train)
+
+
+def epoch_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The shards of one data epoch in their order, from (seed, epoch) alone: the same for any number of ranks,
+    which then take every world_size-th shard (and their DataLoader workers every num_workers-th of those)."""
+    order = sorted(urls)
+    random.Random(key_seed(seed, f"shards:{epoch}", "order")).shuffle(order)
+    return order
+
+
+def _shuffle_within_shard(src, seed: int, epoch: int):
+    """Each shard's samples in an order from (seed, epoch, shard): whichever rank or worker reads the shard gives
+    the same order (a sample buffer mixing shards would depend on which shards one rank holds). Holds one shard."""
+    def flush(group, url):
+        random.Random(key_seed(seed, f"samples:{epoch}", url)).shuffle(group)
+        yield from group
+
+    group, url = [], None
+    for sample in src:
+        if sample.get("__url__") != url and group:
+            yield from flush(group, url)
+            group = []
+        url = sample.get("__url__")
+        group.append(sample)
+    if group:
+        yield from flush(group, url)
 
 
 def loader(urls: list[str], cfg: DataConfig, num_workers: int = 2, context: str | None = None):
@@ -252,7 +270,7 @@ def loader(urls: list[str], cfg: DataConfig, num_workers: int = 2, context: str 
                                        multiprocessing_context=context if num_workers else None)
 
 
-def shard_images(urls: list[str], limit: int | None = None, max_pixels: int = 89_478_485):
+def shard_images(urls: list[str], limit: int | None = None, max_pixels: int = MAX_PIXELS):
     """PIL images (RGB) from the jpg members of webdataset shards (image or export shards), in order;
     undecodable members are skipped with a logged reason."""
     count = 0

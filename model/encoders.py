@@ -91,11 +91,24 @@ class SuperpixelEmbed(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """Transformer blocks on the superpixel tokens, then graph pooling to coarser segment levels."""
+    """Transformer blocks on the superpixel tokens, then graph pooling to coarser segment levels.
+
+    Stage i runs its blocks, then (except the last) pools its tokens to levels[i] segments. The part
+    features are one stage's tokens as that stage outputs them (after its blocks):
+    - part_tokens "mid": the second stage's output, the levels[0] (64) segment tokens. CAFT §3.1: "the
+      segment tokens in the second stage ... are used for the part-level alignment"; CAST's own encoder
+      names the same tensor `block2` (twke18/CAST, cast_models/cast.py, forward_features: blocks2 run on
+      the 64 centroids of pool1, before pool2).
+    - part_tokens "top": the last stage's output (the top-level segments; a flat ViT's patch tokens).
+    """
 
     def __init__(self, dim: int, heads: int, depths: list[int], levels: list[int], out_dim: int,
-                 backend: str = "slic", part_level: int = 0, sfcn_weights: str = ""):
+                 backend: str = "slic", part_tokens: str = "mid", sfcn_weights: str = ""):
         super().__init__()
+        if part_tokens not in ("mid", "top"):
+            raise ValueError(f"part_tokens {part_tokens!r}: use 'mid' (the second stage's segments) or 'top'")
+        if part_tokens == "mid" and levels and len(depths) < 2:
+            raise ValueError("part_tokens 'mid' needs a second stage (vision_depths with two entries or more)")
         self.grad_checkpointing = False
         self.embed = SuperpixelEmbed(dim, backend, sfcn_weights=sfcn_weights)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
@@ -103,16 +116,18 @@ class VisionEncoder(nn.Module):
         self.pools = nn.ModuleList(GraphPool(dim, m) for m in levels)
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_dim, bias=False)
-        self.part_level = part_level  # index into the pooled levels (0: the first, e.g. 64); -1: the superpixels
+        self.part_tokens = part_tokens
+        # pooling steps between the superpixels and the part tokens (heat maps compose this many assignments)
+        self.part_assignments = 0 if not levels else (1 if part_tokens == "mid" else len(levels))
+        self.part_stage = len(depths) - 1 if not levels or part_tokens == "top" else 1
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         tokens, labels = self.embed(images, labels)
         x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], 1)
-        levels, assigns, fine = [], [], None
+        levels, assigns, stage_out = [], [], []
         for i, stage in enumerate(self.stages):
             x = run_blocks(self, stage, x)
-            if i == 0:
-                fine = x[:, 1:]  # superpixel tokens before any pooling
+            stage_out.append(x[:, 1:])  # this stage's tokens after its blocks
             if i < len(self.pools):
                 cls, segs = x[:, :1], x[:, 1:]
                 segs, a = self.pools[i](segs)
@@ -120,11 +135,8 @@ class VisionEncoder(nn.Module):
                 levels.append(segs)
                 x = torch.cat([cls, segs], 1)  # [CLS] goes on through the residual path
         x = self.norm(x)
-        if not levels:
-            parts = x[:, 1:]
-        else:
-            parts = fine if self.part_level < 0 else levels[self.part_level]
-        return {"cls": self.proj(x[:, 0]), "parts": self.proj(self.norm(parts)), "levels": levels,
+        parts = x[:, 1:] if self.part_stage == len(self.stages) - 1 else self.norm(stage_out[self.part_stage])
+        return {"cls": self.proj(x[:, 0]), "parts": self.proj(parts), "levels": levels, "stage_out": stage_out,
                 "assignments": assigns, "labels": labels}
 
 

@@ -15,8 +15,18 @@ Layouts (what each reader expects under ROOT):
               names, relative to ROOT; the first 1,000 / 10,000 entries; caption = the gpt turn.
 - iiw:        {IIW-400, DCI_Test, DOCCI_Test}/data.jsonl with images in docci_aar/, dci/, docci/
               (ImageInWords' human-authored "IIW" descriptions).
-- refcoco, refcoco+, refcocog: <name>/refs(<split_by>).p + <name>/instances.json (refer's layout),
+- refcoco, refcoco+, refcocog: <name>/refs(<split_by>).p + <name>/instances.json (refer's layout;
+              split_by unc, unc, google as SaG uses them, or --split-by),
               COCO train2014 images in images/mscoco/images/train2014 (or --images).
+- fg-ovd-{hard,medium,easy,trivial,color,material,pattern,transparency}: the FG-OVD benchmarks
+              (Bianchi et al., CVPR 2024, github lorebianchi98/FG-OVD, benchmarks/): 1_attributes.json
+              (hard), 2_attributes.json (medium), 3_attributes.json (easy), shuffle_negatives.json
+              (trivial), color/material/pattern/transparency.json, in benchmarks/ or ROOT itself; LVIS
+              format (images, annotations with bbox [x,y,w,h] and neg_category_ids, categories whose name
+              is the caption); COCO 2017 images under ROOT/coco (or --images), by file_name.
+- coco-5k, flickr30k-1k: Karpathy's dataset_coco.json / dataset_flickr30k.json (split "test": 5,000 /
+              1,000 images, 5 captions each, the "raw" sentences); images under ROOT/<filepath>/<filename>
+              (COCO: val2014/...) or ROOT/flickr30k-images/<filename> (or --images).
 """
 
 from __future__ import annotations
@@ -50,6 +60,16 @@ class RefItem:
     height: int
     width: int
     ref_id: int
+
+
+@dataclass
+class FgItem:
+    """One FG-OVD annotation: the object's box in its image, its positive caption and the hard negatives."""
+    image: str
+    bbox: list[float]  # x, y, width, height (pixels)
+    positive: str
+    negatives: list[str]
+    ann_id: int
 
 
 def _need(path: Path, what: str) -> Path:
@@ -158,6 +178,34 @@ def read_sharegpt4v(root: str | Path, n: int, annotations: str | None = None) ->
     return _build(f"sharegpt4v-{n // 1000}k", pairs, f"the first {n} entries of {path.name}")
 
 
+KARPATHY = {"coco": ("dataset_coco.json", 5000), "flickr30k": ("dataset_flickr30k.json", 1000)}
+
+
+def read_karpathy(root: str | Path, name: str, split: str = "test", images: str | None = None) -> EvalSet:
+    """Karpathy's split file (FAST-GOAL's short-caption retrieval: MSCOCO 5k, Flickr30k 1k test images),
+    every caption of an image kept (5 each), its "raw" text. COCO images at ROOT/<filepath>/<filename>,
+    Flickr30k at ROOT/flickr30k-images/<filename>; --images replaces ROOT for the images."""
+    root = Path(root)
+    fname, expected = KARPATHY[name]
+    path = _first(root, [fname, f"annotations/{fname}"], f"Karpathy's {fname}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = [r for r in _field(data, "images", str(path)) if _field(r, "split", str(path)) == split]
+    if not rows:
+        raise DatasetError(f"{path}: no images in split {split!r}")
+    img_root = Path(images) if images else root
+    pairs = []
+    for r in rows:
+        where = f"{path} image {r.get('imgid', r.get('filename'))}"
+        folder = r.get("filepath") or ("flickr30k-images" if name == "flickr30k" else "")
+        img = str(img_root / folder / _field(r, "filename", where))
+        for sent in _field(r, "sentences", where):
+            pairs.append((img, _field(sent, "raw", where)))
+    notes = f"Karpathy {split} split of {fname}: {len(rows)} images"
+    if split == "test" and len(rows) != expected:
+        notes += f" (the published split has {expected})"
+    return _build(f"{name}-{split}", pairs, notes)
+
+
 IIW_PARTS = {"IIW-400": "docci_aar", "DCI_Test": "dci", "DOCCI_Test": "docci"}
 
 
@@ -174,7 +222,8 @@ def read_iiw(root: str | Path) -> EvalSet:
     return _build("iiw", pairs, "IIW-400 + DCI_Test + DOCCI_Test, human-authored IIW descriptions")
 
 
-def retrieval_set(name: str, root: str, split: str | None = None, annotations: str | None = None) -> EvalSet:
+def retrieval_set(name: str, root: str, split: str | None = None, annotations: str | None = None,
+                  images: str | None = None) -> EvalSet:
     if name == "dci":
         return read_dci(root, split or "all")
     if name == "docci":
@@ -185,11 +234,17 @@ def retrieval_set(name: str, root: str, split: str | None = None, annotations: s
         return read_sharegpt4v(root, 1000 if name.endswith("-1k") else 10_000, annotations)
     if name == "iiw":
         return read_iiw(root)
+    if name == "coco-5k":
+        return read_karpathy(root, "coco", split or "test", images)
+    if name == "flickr30k-1k":
+        return read_karpathy(root, "flickr30k", split or "test", images)
     raise DatasetError(f"unknown retrieval set {name!r}; known: {', '.join(RETRIEVAL_SETS)}")
 
 
-RETRIEVAL_SETS = ("dci", "docci", "urban-1k", "sharegpt4v-1k", "sharegpt4v-10k", "iiw")
-REFER_SETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+RETRIEVAL_SETS = ("dci", "docci", "urban-1k", "sharegpt4v-1k", "sharegpt4v-10k", "iiw", "coco-5k", "flickr30k-1k")
+# refer's split_by per set, as SaG builds its test data (build_batches.py: unc, unc+, and Gref = refcocog
+# split by google); refcocog's umd split is one --split-by umd away
+REFER_SETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "google"}
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -253,3 +308,52 @@ def ref_mask(item: RefItem):
     else:
         rle = seg
     return cocomask.decode(rle).astype(bool)
+
+
+FGOVD_SETS = {"fg-ovd-hard": "1_attributes.json", "fg-ovd-medium": "2_attributes.json",
+              "fg-ovd-easy": "3_attributes.json", "fg-ovd-trivial": "shuffle_negatives.json",
+              "fg-ovd-color": "color.json", "fg-ovd-material": "material.json", "fg-ovd-pattern": "pattern.json",
+              "fg-ovd-transparency": "transparency.json"}
+
+
+def _coco_image(img_root: Path, file_name: str) -> str:
+    """A COCO 2017 image by the benchmark's file_name, with or without its train2017/ or val2017/ folder."""
+    for cand in (img_root / file_name, img_root / "val2017" / Path(file_name).name,
+                 img_root / "train2017" / Path(file_name).name):
+        if cand.exists():
+            return str(cand)
+    return str(img_root / file_name)  # missing: the evaluation records it as an unreadable image
+
+
+def read_fgovd(root: str | Path, name: str, images: str | None = None, n_neg: int = 10) -> tuple[list[FgItem],
+                                                                                                  list[dict]]:
+    """One FG-OVD benchmark: every annotation with at least n_neg negative captions (the benchmark's own
+    filter in its ranking code, NoctOWL/eval/fg-ovd/ranks.py), its first n_neg negatives kept. Returns the
+    items and the annotations left out, with the reason."""
+    if name not in FGOVD_SETS:
+        raise DatasetError(f"unknown FG-OVD benchmark {name!r}; known: {', '.join(FGOVD_SETS)}")
+    root = Path(root)
+    fname = FGOVD_SETS[name]
+    path = _first(root, [f"benchmarks/{fname}", fname], f"FG-OVD's {fname} (the repository's benchmarks/ folder)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    cats = {c["id"]: c["name"] for c in _field(data, "categories", str(path))}
+    imgs = {i["id"]: i for i in _field(data, "images", str(path))}
+    img_root = Path(images) if images else root / "coco"
+    items, left = [], []
+    for a in _field(data, "annotations", str(path)):
+        where = f"{path} annotation {a.get('id')}"
+        negs = _field(a, "neg_category_ids", where)
+        if len(negs) < n_neg:
+            left.append({"item": f"annotation {a.get('id')}", "reason": f"{len(negs)} negatives < {n_neg}"})
+            continue
+        ids = [_field(a, "category_id", where), *negs[:n_neg]]
+        missing = [c for c in ids if c not in cats]
+        im = imgs.get(_field(a, "image_id", where))
+        if missing or im is None:
+            raise DatasetError(f"{where}: names categories {missing} / image {a['image_id']} that the file lacks")
+        x, y, w, h = _field(a, "bbox", where)
+        items.append(FgItem(_coco_image(img_root, im["file_name"]), [x, y, w, h], cats[ids[0]],
+                            [cats[c] for c in ids[1:]], a.get("id", -1)))
+    if not items:
+        raise DatasetError(f"{path}: no annotation with {n_neg} negatives")
+    return items, left

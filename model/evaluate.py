@@ -1,4 +1,5 @@
-"""Evaluation: retrieval R@k both ways (whole, part, CAFT++ scores) and grounding mIoU on the synthetic world.
+"""Evaluation: retrieval R@k both ways (whole, part, CAFT++ scores), grounding mIoU (synthetic world; RefCOCO/+/g
+with SaG's protocol), and FG-OVD's caption ranking of object crops.
 
 Ranks count ties against the model: a ground-truth item is at rank r when r other candidates score at
 least as high. With several captions per image, image->text succeeds when any of its captions is in the
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.chunking import balanced_chunks
+from pipeline.images import MAX_PIXELS, decode_image
 
-from .data import DataConfig, dataset, decode_image, image_transform, selected, tokenize
+from .data import DataConfig, dataset, image_transform, selected, tokenize
 from .grounding import grounding_mask, iou, text_heatmaps
 
 
@@ -172,13 +174,23 @@ def _pack(items: list[tuple[str, int]], room: int) -> list[str]:
     return out + ([" ".join(piece)] if piece else [])
 
 
-def caption_chunks(sentences: list[str], k: int, context_length: int = 77,
-                   max_chunks: int | None = 16) -> tuple[list[str], int]:
-    """Balanced chunks of K groups of sentences; a chunk longer than the context is split again at sentence
-    boundaries, and a sentence longer than the context by words, never cut. Returns (chunks, words dropped):
-    words are dropped past max_chunks (None: no limit), and a single word longer than the context counts as
-    dropped (the tokenizer cuts it)."""
+def balanced_caption_chunks(sentences: list[str], k: int, context_length: int = 77) -> tuple[list[str], int, int]:
+    """The paper's inference chunks for a model with a whole-caption encoder: min(K, S) balanced chunks of
+    sentences (floor(S/K) each, the remainder to the earlier ones), never more, so the whole-caption encoder
+    sees only the chunk positions 0..K-1 it trained on. A chunk over the context is truncated by the tokenizer
+    (our rule, the paper is silent): returns (chunks, chunks truncated, tokens cut)."""
     room = context_length - 2  # start and end tokens
+    chunks = [" ".join(sentences[a:b]) for a, b in balanced_chunks(len(sentences), k)]
+    over = [token_count(c) - room for c in chunks]
+    return chunks, sum(o > 0 for o in over), sum(o for o in over if o > 0)
+
+
+def split_caption_chunks(sentences: list[str], k: int, context_length: int = 77) -> tuple[list[str], int]:
+    """Models without a whole-caption encoder (FLAIR: sub-captions only, no chunk positions): balanced chunks,
+    a chunk longer than the context split again at sentence boundaries, and a sentence longer than the
+    context by words, never cut. Returns (chunks, words dropped): a single word longer than the context is
+    the only thing dropped (the tokenizer cuts it)."""
+    room = context_length - 2
     out, cut = [], 0
     for a, b in balanced_chunks(len(sentences), k):
         sents = [(t, token_count(t)) for t in sentences[a:b]]
@@ -194,8 +206,7 @@ def caption_chunks(sentences: list[str], k: int, context_length: int = 77,
                 cut += sum(m > room for _, m in words)
                 items += [(piece, room) for piece in _pack(words, room)]  # a piece alone in its chunk
         out += _pack(items, room)
-    keep = out if max_chunks is None else out[:max_chunks]
-    return keep, cut + sum(len(c.split()) for c in out[len(keep):])
+    return out, cut
 
 
 def split_captions(captions: list[str], nlp_name: str = "blank:en") -> list[list[str]]:
@@ -205,26 +216,37 @@ def split_captions(captions: list[str], nlp_name: str = "blank:en") -> list[list
                                                                                               load_nlp(nlp_name)))]
 
 
-def text_inputs(captions: list[str], k: int, flat: bool, max_chunks: int = 16, context_length: int = 77) -> dict:
-    """Tokens [T,C,77] + masks for captions. Hierarchical/FLAIR models: balanced chunks (no truncation).
-    Flat models (one 77-token caption): the caption truncated, and the number truncated counted."""
-    if flat:
+TEXT_MODES = ("flat", "balanced", "split")
+
+
+def text_inputs(captions: list[str], k: int, mode: str, context_length: int = 77) -> dict:
+    """Tokens [T,C,77] + masks for captions, and what was lost. mode: "flat" (one 77-token caption, truncated),
+    "balanced" (hierarchical models: K balanced chunks, each truncated at 77), "split" (FLAIR: balanced chunks
+    split again past 77, nothing truncated). truncated: captions that lost tokens; tokens_cut / words_dropped."""
+    if mode not in TEXT_MODES:
+        raise ValueError(f"text mode {mode!r} is not one of {TEXT_MODES}")
+    room = context_length - 2
+    cut = 0
+    if mode == "flat":
         chunks = [[c] for c in captions]
-        truncated = sum(token_count(c) > context_length - 2 for c in captions)
-        dropped = None
+        over = [token_count(c) - room for c in captions]
+        truncated, cut = sum(o > 0 for o in over), sum(o for o in over if o > 0)
     else:
-        pairs = [caption_chunks(s or [c], k, context_length, max_chunks) for s, c in
-                 zip(split_captions(captions), captions)]
-        chunks = [p[0] for p in pairs]
-        truncated = sum(p[1] > 0 for p in pairs)
-        dropped = sum(p[1] for p in pairs)
+        sents = [s or [c] for s, c in zip(split_captions(captions), captions)]
+        if mode == "balanced":
+            out = [balanced_caption_chunks(s, k, context_length) for s in sents]
+            chunks, truncated, cut = [o[0] for o in out], sum(o[1] > 0 for o in out), sum(o[2] for o in out)
+        else:
+            out = [split_caption_chunks(s, k, context_length) for s in sents]
+            chunks, truncated, cut = [o[0] for o in out], sum(o[1] > 0 for o in out), sum(o[1] for o in out)
     n = max(len(c) for c in chunks)
     tokens = torch.zeros(len(captions), n, context_length, dtype=torch.long)
     valid = torch.zeros(len(captions), n, dtype=torch.bool)
     for i, c in enumerate(chunks):
         tokens[i, :len(c)] = tokenize(c, context_length)
         valid[i, :len(c)] = True
-    return {"tokens": tokens, "valid": valid, "chunks": chunks, "truncated": truncated, "words_dropped": dropped}
+    return {"tokens": tokens, "valid": valid, "chunks": chunks, "truncated": truncated,
+            ("words_dropped" if mode == "split" else "tokens_cut"): cut}
 
 
 def _load_image(path: str, size: int, max_pixels: int):
@@ -233,7 +255,7 @@ def _load_image(path: str, size: int, max_pixels: int):
 
 
 def encode_images(es, image_size: int, encode, batch_size: int = 32, device: str = "cpu",
-                  max_pixels: int = 89_478_485) -> tuple[list, list[int], list[dict]]:
+                  max_pixels: int = MAX_PIXELS) -> tuple[list, list[int], list[dict]]:
     """Every image of an EvalSet through `encode` (a batch [B,3,S,S] -> its outputs) in batches; unreadable ones
     are skipped with their reason. Returns (outputs per batch, indices of the encoded images, skipped)."""
     outs, ok = [], []
@@ -261,25 +283,33 @@ def kept_texts(es, ok: list[int]) -> tuple[list[int], list[int]]:
     return keep, [new_index[es.image_of_text[t]] for t in keep]
 
 
+def text_mode(model) -> str:
+    """How a model reads a long caption at evaluation (see text_inputs)."""
+    if model.cfg.whole_depth == 0 and not model.cfg.part_loss:
+        return "flat"
+    return "split" if getattr(model.text, "chunk_pos", None) is None else "balanced"
+
+
 @torch.no_grad()
 def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, device: str = "cpu",
-               max_pixels: int = 89_478_485) -> dict:
+               max_pixels: int = MAX_PIXELS) -> dict:
     """Encode an EvalSet: every image once (unreadable ones skipped with their reason, with their texts), every
-    caption in balanced chunks (flat baselines: truncated at 77 tokens, counted)."""
+    caption as the model reads long text (text_mode): K balanced chunks, flat 77 tokens, or split chunks."""
     model.eval()
+    mode = text_mode(model)
+    pos = getattr(model.text, "chunk_pos", None)
+    if mode == "balanced" and k_chunks > pos.shape[0]:
+        raise ValueError(f"K = {k_chunks} chunks, but the whole-caption encoder has only {pos.shape[0]} positions")
     outs, ok, skipped = encode_images(es, image_size, model.encode_image, batch_size, device, max_pixels)
     cls, parts = [v["cls"] for v in outs], [v["parts"] for v in outs]
     keep, image_of_text = kept_texts(es, ok)
     caps = [es.captions[t] for t in keep]
-    flat = model.cfg.whole_depth == 0 and not model.cfg.part_loss
-    pos = getattr(model.text, "chunk_pos", None)  # the whole-caption encoder's chunk positions; FLAIR: no limit
-    max_chunks = None if pos is None else pos.shape[0]
     whole, sub, valid = [], [], []
-    truncated, dropped = 0, 0
+    truncated, cut = 0, 0
     for s in range(0, len(caps), batch_size):
-        t = text_inputs(caps[s:s + batch_size], 1 if flat else k_chunks, flat, max_chunks)
+        t = text_inputs(caps[s:s + batch_size], 1 if mode == "flat" else k_chunks, mode)
         truncated += t["truncated"]
-        dropped += t["words_dropped"] or 0
+        cut += t.get("tokens_cut", t.get("words_dropped", 0))
         tok, val = t["tokens"].to(device), t["valid"].to(device)
         e = model.encode_text(tok, val, val)
         whole.append(e["whole"])
@@ -288,42 +318,125 @@ def encode_set(model, es, image_size: int, k_chunks: int, batch_size: int = 32, 
     n = max(x.shape[1] for x in sub)  # chunk counts differ between batches: pad
     sub = torch.cat([F.pad(x, (0, 0, 0, n - x.shape[1])) for x in sub])
     valid = torch.cat([F.pad(x, (0, n - x.shape[1])) for x in valid])
-    text_note = (f"flat text encoder: {truncated} of {len(caps)} captions truncated at 77 tokens" if flat else
-                 f"balanced chunks (K={k_chunks}), split again past 77 tokens; {truncated} captions lost words "
-                 f"({dropped} dropped: past {max_chunks or 'no'} chunk limit, or single words over 75 tokens)")
+    text_note = {
+        "flat": f"flat text encoder: {truncated} of {len(caps)} captions truncated at 77 tokens ({cut} tokens cut)",
+        "balanced": f"K={k_chunks} balanced chunks (the whole-caption encoder sees positions 0..{k_chunks - 1} "
+                    f"only); {truncated} of {len(caps)} captions had a chunk truncated at 77 tokens "
+                    f"({cut} tokens cut)",
+        "split": f"balanced chunks (K={k_chunks}) split again past 77 tokens (no chunk positions); {truncated} "
+                 f"captions lost words ({cut} single words over 75 tokens)"}[mode]
     return {"keys": [es.images[i] for i in ok], "cls": torch.cat(cls), "parts": torch.cat(parts),
             "whole": torch.cat(whole), "sub": sub, "valid": valid,
-            "image_of_text": image_of_text, "skipped": skipped,
-            "text": text_note, "truncated": truncated}
+            "image_of_text": image_of_text, "skipped": skipped, "text_mode": mode,
+            "text": text_note, "truncated": truncated, "tokens_cut" if mode != "split" else "words_dropped": cut}
+
+
+def square_image(path: str, size: int, max_pixels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SaG's test geometry: the whole image resized to size x size (no crop, aspect not kept), the model's
+    interpolation and normalisation. Returns the tensor [3,S,S] and the original (H, W)."""
+    from torchvision import transforms as T
+
+    from .data import CLIP_MEAN, CLIP_STD
+
+    with open(path, "rb") as f:
+        im = decode_image(f.read(), max_pixels)
+    t = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                   T.Normalize(CLIP_MEAN, CLIP_STD)])
+    return t(im), (im.height, im.width)
 
 
 @torch.no_grad()
 def refer_grounding(model, items: list, image_size: int, device: str = "cpu", limit: int | None = None,
-                    max_pixels: int = 89_478_485) -> dict:
-    """mIoU of Otsu masks of referring expressions against the referred object's mask (RefCOCO-style),
-    in the model's view of the image (short side resized, centre crop). Baseline: the whole-image mask."""
+                    max_pixels: int = MAX_PIXELS) -> dict:
+    """Referring-expression mIoU as SaG (Kim et al., 2023) evaluates it: every sentence of every ref counts;
+    the whole image resized to the model's square input (no crop); each heat map resized back to the image's
+    original size, min-max normalised, thresholded at 0.5; IoU against the full-resolution mask; mIoU = mean
+    over sentences, cIoU = total intersection / total union. `miou_otsu`: the same maps with Otsu's threshold
+    (our grounding rule elsewhere). Baseline: the whole-image mask."""
     from .evalsets import ref_mask
+    from .grounding import sag_masks
 
     model.eval()
-    ious, whole_ious, skipped = [], [], []
+    ious, otsu, whole_ious, skipped = [], [], [], []
+    inter = union = 0
     for item in items[:limit]:
         if not item.sentences:
             skipped.append({"item": f"ref {item.ref_id}", "reason": "no sentences"})
             continue
         try:
-            image = _load_image(item.image, image_size, max_pixels).unsqueeze(0).to(device)
+            image, hw = square_image(item.image, image_size, max_pixels)
         except Exception as e:  # noqa: BLE001
             skipped.append({"item": item.image, "reason": f"{type(e).__name__}: {e}"})
             continue
-        gt = _mask_to(ref_mask(item), image_size)
-        if not gt.any():
-            skipped.append({"item": f"ref {item.ref_id}", "reason": "the object lies outside the model's centre crop"})
+        gt = torch.from_numpy(ref_mask(item))
+        if tuple(gt.shape) != hw:
+            skipped.append({"item": f"ref {item.ref_id}", "reason": f"mask {tuple(gt.shape)} but image {hw}"})
             continue
-        heat = text_heatmaps(model, image, item.sentences)
-        for q in range(len(item.sentences)):
-            ious.append(iou(grounding_mask(heat[q].cpu()), gt))
+        heat = text_heatmaps(model, image.unsqueeze(0).to(device), item.sentences).cpu()
+        for pred, pred_otsu in zip(sag_masks(heat, hw), sag_masks(heat, hw, None)):
+            i, u = (pred & gt).sum().item(), (pred | gt).sum().item()
+            inter, union = inter + i, union + u
+            ious.append(i / u if u else 1.0)
+            otsu.append(iou(pred_otsu, gt))
             whole_ious.append(iou(torch.ones_like(gt), gt))
     if not ious:
         raise ValueError(f"no referring expression could be evaluated (skipped: {skipped[:3]})")
-    return {"miou": float(np.mean(ious)), "n": len(ious), "baseline_whole_image_miou": float(np.mean(whole_ious)),
+    return {"protocol": "SaG: full image resized square, maps resized to the original size, threshold 0.5",
+            "miou": float(np.mean(ious)), "ciou": inter / union if union else 1.0, "miou_otsu": float(np.mean(otsu)),
+            "n": len(ious), "baseline_whole_image_miou": float(np.mean(whole_ious)), "skipped": skipped}
+
+
+def _crop(path: str, bbox: list[float], size: int, max_pixels: int) -> torch.Tensor:
+    """The object's box cut from its image (floor of the top-left, ceiling of the bottom-right, clamped to the
+    image, as the FG-OVD authors' CLIP evaluation crops: lorebianchi98/FG-CLIP fg-ovd_feature_extraction/
+    extraction.py, scale 1), then the model's own transform (short side resized, centre crop, as CLIP's)."""
+    import math
+
+    with open(path, "rb") as f:
+        im = decode_image(f.read(), max_pixels)
+    x, y, w, h = bbox
+    box = (max(0, math.floor(x)), max(0, math.floor(y)), min(im.width, math.ceil(x + w)),
+           min(im.height, math.ceil(y + h)))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"box {bbox} is empty inside the {im.width}x{im.height} image")
+    return image_transform(size)(im.crop(box))
+
+
+@torch.no_grad()
+def fgovd_accuracy(model, items: list, image_size: int, k_chunks: int = 4, batch_size: int = 32,
+                   device: str = "cpu", limit: int | None = None, max_pixels: int = MAX_PIXELS) -> dict:
+    """FG-OVD for an image-text model (no detector): each annotated object's box crop against its positive
+    caption and its hard negatives; the positive's rank is 1 + the number of negatives scoring at least as high
+    (ties against the model, as the benchmark's ranks.py counts). accuracy = share of rank 1; mean/median rank
+    as ranks.py reports them. Score: the whole-level similarity (image [CLS] . caption)."""
+    model.eval()
+    mode = text_mode(model)
+    ranks, skipped = [], []
+    items = items[:limit]
+    for s in range(0, len(items), batch_size):
+        batch, crops = [], []
+        for it in items[s:s + batch_size]:
+            try:
+                crops.append(_crop(it.image, it.bbox, image_size, max_pixels))
+                batch.append(it)
+            except Exception as e:  # noqa: BLE001 - recorded, not fatal
+                skipped.append({"item": f"annotation {it.ann_id} ({it.image})", "reason": f"{type(e).__name__}: {e}"})
+        if not batch:
+            continue
+        cls = F.normalize(model.encode_image(torch.stack(crops).to(device))["cls"], dim=-1)
+        texts = [t for it in batch for t in [it.positive, *it.negatives]]
+        t = text_inputs(texts, 1 if mode == "flat" else k_chunks, mode)
+        val = t["valid"].to(device)
+        whole = F.normalize(model.encode_text(t["tokens"].to(device), val, val)["whole"], dim=-1)
+        start = 0
+        for b, it in enumerate(batch):
+            n = 1 + len(it.negatives)
+            sims = whole[start:start + n] @ cls[b]
+            ranks.append(int((sims[1:] >= sims[0]).sum().item()) + 1)
+            start += n
+    if not ranks:
+        raise ValueError(f"no FG-OVD object could be evaluated (first: {skipped[0]['reason'] if skipped else '-'})")
+    r = np.array(ranks)
+    return {"accuracy": float((r == 1).mean()), "mean_rank": float(r.mean()), "median_rank": float(np.median(r)),
+            "n": len(ranks), "n_captions": 1 + len(items[0].negatives), "chance": 1.0 / (1 + len(items[0].negatives)),
             "skipped": skipped}

@@ -31,6 +31,23 @@ def grounding_mask(heat: torch.Tensor) -> torch.Tensor:
     return h >= otsu_threshold(h)
 
 
+SAG_THRESHOLD = 0.5  # SaG's --pseudo_threshold in train_eval_{unc,unc+,gref}.sh (option.py default 0.5)
+
+
+def sag_masks(heat: torch.Tensor, size: tuple[int, int], threshold: float | None = SAG_THRESHOLD) -> torch.Tensor:
+    """SaG's prediction (eval_cma_recon.py get_IoU_map): a [Q,h,w] heat map of the square model input resized
+    (bilinear) to the image's original [H,W], min-max normalised per map, foreground where >= threshold
+    (None: Otsu's threshold instead). Returns [Q,H,W] booleans at the original resolution."""
+    big = torch.nn.functional.interpolate(heat.float().unsqueeze(1), size=size, mode="bilinear",
+                                          align_corners=False)[:, 0]
+    lo = big.flatten(1).min(1).values[:, None, None]
+    hi = big.flatten(1).max(1).values[:, None, None]
+    norm = (big - lo) / (hi - lo + 1e-9)
+    if threshold is None:
+        return torch.stack([m >= otsu_threshold(m) for m in norm])
+    return norm >= threshold
+
+
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     union = (a | b).sum().item()
     return (a & b).sum().item() / union if union else 1.0
@@ -38,7 +55,8 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def cannot_ground(model) -> str | None:
     """Why a model's attention maps mean nothing (None: they do). Only a CAFT-family model trained with the
-    part-level loss (CAFT, FLAIR, -part-level) has trained its sub-caption attention pooling."""
+    part-level loss (CAFT, +textual) or FLAIR's
+    text-conditioned loss (FLAIR, +visual) has trained its sub-caption attention pooling."""
     if getattr(model, "kind", "caft") != "caft":
         return (f"a {model.cfg.name} model ({model.kind}) has no sub-caption attention to draw: heat maps come "
                 f"from CAFT-family models trained with the part loss (caft-*, flair-*)")

@@ -50,14 +50,31 @@ def from_config(kind: str, cfg):
     return mod.build_model(cfg)
 
 
-def build(name: str, **changes):
-    """A model by config name, with field changes (e.g. pretrained='/path/to/clip.pt', backend='sfcn')."""
+def check_changes(name: str, changes: dict) -> None:
+    """Raises ValueError naming the model, the field and the reason if `changes` does not fit the config `name`:
+    an unknown field, or a value whose type differs from the field's default (None is always let through,
+    as are any values for fields whose default is None; tuples take lists, floats take ints)."""
     kind = kind_of(name)
     cfg = all_configs()[name][1]
     known = [f.name for f in fields(cfg)]
     bad = [k for k in changes if k not in known]
     if bad:
         raise ValueError(f"unknown model config fields {bad} for {name} ({kind}); known: {', '.join(known)}")
+    for k, v in changes.items():
+        default = getattr(cfg, k)
+        if default is None or v is None:
+            continue
+        want = (list, tuple) if isinstance(default, tuple) else (int, float) if isinstance(default, float) \
+            else type(default)
+        if not isinstance(v, want) or isinstance(v, bool) != isinstance(default, bool):
+            raise ValueError(f"model config field {k!r} of {name}: {v!r} is a {type(v).__name__}, "
+                             f"expected {type(default).__name__} (the default is {default!r})")
+
+
+def build(name: str, **changes):
+    """A model by config name, with field changes (e.g. pretrained='/path/to/clip.pt', backend='sfcn')."""
+    check_changes(name, changes)
+    kind, cfg = all_configs()[name]
     return from_config(kind, replace(cfg, **changes))
 
 

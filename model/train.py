@@ -1,7 +1,7 @@
 """The trainer: one function that every launcher calls (one process, local DDP processes, Ray Train workers).
 
-DDP (gloo on CPU, NCCL on GPU), bf16 autocast on GPU, AdamW without weight decay on biases, norms and
-logit parameters, warmup + cosine, gradient clipping, logit-scale clamp, optional gradient
+DDP (gloo on CPU, NCCL on GPU), bf16 autocast on GPU, AdamW without weight decay on biases, norms, class
+tokens, position embeddings and logit parameters, warmup + cosine, gradient clipping, logit-scale clamp, optional gradient
 checkpointing, gradient accumulation, sigmoid losses with every rank's features as negatives
 (all-gather with gradients), metrics to JSONL + TensorBoard, a periodic evaluation, checkpoints that
 resume exactly (data position included), and a graceful stop on SIGTERM.
@@ -69,13 +69,24 @@ def run_eval(model, spec: EvalSpec, device: str = "cpu") -> dict:
     return out
 
 
+# parameters that are class tokens or position embeddings, by their own name (last dotted part): CAFT's
+# vision/text [CLS] and position tables, open_clip's and transformers' spellings (GOAL, GroupViT)
+TOKEN_NAMES = {"cls", "cls_token", "class_embedding", "pos", "chunk_pos", "pos_embed", "positional_embedding",
+               "position_embedding", "position_embeddings"}
+
+
+def no_decay(name: str, p) -> bool:
+    """No weight decay: biases, norms, gains (ndim < 2), class tokens, position embeddings, logit parameters."""
+    last = name.rsplit(".", 1)[-1]
+    return (p.ndim < 2 or "norm" in name or last == "bias" or "logit" in name or last in TOKEN_NAMES
+            or name.rsplit(".", 2)[-2:-1] == ["position_embedding"])  # nn.Embedding position tables: <name>.weight
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     decay, plain = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "norm" in name or name.endswith(".bias") or "logit" in name
-        (plain if skip else decay).append(p)
+        if p.requires_grad:
+            (plain if no_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
@@ -250,16 +261,41 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
     gather = gather_others if world > 1 else None
     bf16 = cuda and cfg.precision in ("auto", "bf16")
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    if cfg.sampling == "epoch" and cfg.epoch_samples and rank == 0:
+        log.warning("train.epoch_samples=%d has no effect with sampling: epoch (a data epoch is one pass over the "
+                    "shards); set sampling: resampled to use it", cfg.epoch_samples)
     epoch_samples = cfg.epoch_samples or epoch_samples or per_rank * 100
     context = "spawn" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else None
 
     def batches(ep: int):
         data = DataConfig(image_size=cfg.image_size, n_sub=cfg.n_sub, k_chunks=cfg.k_chunks, batch_size=per_rank,
-                          train=True, seed=cfg.seed, epoch=ep, resampled=True, epoch_samples=epoch_samples,
+                          train=True, seed=cfg.seed, epoch=ep, resampled=cfg.sampling == "resampled",
+                          epoch_samples=epoch_samples,
                           rank=rank, world_size=world, where=cfg.train_where or None, **_data_options(model))
         return iter(loader(shards, data, num_workers=cfg.workers, context=context))
 
+    def draw():
+        """The next micro-batch. sampling: epoch: when any rank's pass is done, every rank starts the next data
+        epoch together (DDP needs the same step count everywhere); what the others had left of that pass is
+        dropped, as drop_last would (none when the shards split evenly into whole batches)."""
+        nonlocal it, epoch, micro
+        for fresh in (False, True):
+            batch = next(it, None)
+            if world > 1 and cfg.sampling == "epoch":
+                have = torch.tensor([0 if batch is None else 1], device=device)
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)
+                batch = batch if have.item() else None
+            if batch is not None:
+                micro += 1
+                return batch
+            if fresh:
+                raise TrainConfigError(f"a data epoch of {len(shards)} shard(s) gives no full batch of "
+                                       f"{per_rank} per process (train.batch_size / processes / accum)")
+            epoch, micro = epoch + 1, 0
+            it = batches(epoch)
+
     metrics = Metrics(out, rank == 0, cfg.tensorboard)
+    keys_log = out / f"keys-rank{rank}.jsonl" if cfg.record_keys else None
     stop = _StopFlag()
     it = batches(epoch)
     for _ in range(micro):  # resume: the same stream, at the same place
@@ -272,14 +308,12 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
             t_step = time.time()
             for a in range(cfg.accum):
                 t0 = time.time()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    epoch, micro = epoch + 1, 0
-                    it = batches(epoch)
-                    batch = next(it)
-                micro += 1
+                batch = draw()
                 data_s += time.time() - t0
+                if keys_log:
+                    with open(keys_log, "a") as f:
+                        f.write(json.dumps({"step": step + 1, "epoch": epoch, "micro": micro, "rank": rank,
+                                            "keys": list(batch.get("keys", []))}) + "\n")
                 sync = net.no_sync() if world > 1 and a < cfg.accum - 1 else contextlib.nullcontext()
                 with sync, amp():
                     losses = net(**_inputs(model, batch, device), gather=gather)

@@ -16,6 +16,8 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .images import MAX_PIXELS
+
 STAGES = ("download", "captions", "sentences", "regions", "export")
 DEFAULT_STAGES = ("download", "captions", "sentences", "export")  # + regions when a regions section is set
 
@@ -94,7 +96,7 @@ class DownloadSection(Strict):
     timeout: float = Field(10, gt=0, description="seconds per request, connecting to last byte")
     retries: int = Field(0, ge=0)
     min_image_size: int = Field(0, ge=0)
-    max_image_area: float = Field(89_478_485, gt=0, description="pixel limit, checked from the header before decoding")
+    max_image_area: float = Field(MAX_PIXELS, gt=0, description="pixel limit, checked from the header before decoding")
     max_aspect_ratio: float = Field(math.inf, gt=0)
     user_agent_token: Optional[str] = None
     disallowed_header_directives: list[str] = Field(
@@ -232,7 +234,10 @@ class QualitySection(Strict):
 
 
 class SentencesSection(Strict):
-    spacy_model: str = Field("blank:en", description="'blank:en' (sentencizer) or an installed pipeline name")
+    spacy_model: str = Field("blank:en", description="'blank:en' (tokenizer only) or an installed pipeline name")
+    segmenter: Literal["rules", "sentencizer", "pysbd", "nupunkt", "pipeline"] = Field(
+        "rules", description="sentence splitter (a spaCy component): rules (longcap's, pipeline/segmenters.py), "
+        "sentencizer (spaCy's), pysbd or nupunkt (installed separately), pipeline (spacy_model's parser/senter)")
     batch_size: int = Field(256, ge=1)
     quality: QualitySection = Field(default_factory=QualitySection)
 
@@ -242,6 +247,9 @@ class ExportSection(Strict):
     min_image_size: int = Field(0, ge=0, description="original short side below this: key not exported")
     max_samples: int = Field(10_000, ge=1, description="samples per export tar")
     max_bytes: int = Field(1_000_000_000, ge=1_000_000, description="bytes per export tar (approximate)")
+    txt: Optional[str] = Field(None, description="the caption written in full as <key>.txt (what open_clip's trainer "
+                               "reads): 'CAPTIONER/PROMPT' (source: 'CAPTIONER/COLUMN'); default the first "
+                               "captioner's first prompt (the long one by default)")
 
 
 class TrainSection(Strict):
@@ -263,8 +271,13 @@ class TrainSection(Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1, description="global batch (all processes, all accumulation steps)")
     accum: int = Field(1, ge=1, description="gradient accumulation steps (negatives come from one micro-batch)")
-    epoch_samples: Optional[int] = Field(None, ge=1, description="samples per data epoch per process (shards are "
-                                         "resampled); default: the index's row count / processes")
+    sampling: Literal["epoch", "resampled"] = Field("epoch", description="epoch: each data epoch reads every shard "
+                                                    "once, split across processes and workers (a global drop_last); "
+                                                    "resampled: shards drawn with replacement per process")
+    epoch_samples: Optional[int] = Field(None, ge=1, description="sampling resampled: samples per data epoch per "
+                                         "process; default: the index's row count / processes")
+    record_keys: bool = Field(False, description="each process writes the sample keys of every micro-batch to "
+                              "<out>/keys-rank<R>.jsonl (to audit what was trained on)")
     lr: float = Field(5e-4, gt=0)
     min_lr: float = Field(0.0, ge=0, description="fraction of lr at the end of the cosine")
     warmup: int = Field(100, ge=0)
@@ -288,6 +301,27 @@ class TrainSection(Strict):
     gpus_per_worker: float = Field(0, ge=0)
     threads: Optional[int] = Field(None, ge=1, description="torch threads per process")
     tensorboard: bool = True
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v):
+        from model.registry import all_configs  # the registry is the one list of names
+
+        names = list(all_configs())
+        if v not in names:
+            close = difflib.get_close_matches(v, names, n=1)
+            raise ValueError(f"unknown model {v!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; known: {', '.join(names)}")
+        return v
+
+    @field_validator("model_changes")
+    @classmethod
+    def _known_fields(cls, v, info):
+        if v and "model" in info.data:  # (a bad model name is reported on its own)
+            from model.registry import check_changes
+
+            check_changes(info.data["model"], v)
+        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -402,7 +436,20 @@ class Config(Strict):
                 raise ValueError(
                     f"captioners[{c.name}].columns {missing} are not in input.caption_cols {self.input.caption_cols}"
                 )
+        if self.export.txt is not None and self.export.txt not in self.caption_names():
+            raise ValueError(f"export.txt {self.export.txt!r} is not a caption of this run; "
+                             f"captions are {', '.join(self.caption_names())}")
         return self
+
+    def caption_names(self) -> list[str]:
+        """'CAPTIONER/PROMPT' of every caption the run makes, in config order (source: one per column)."""
+        return [f"{c.name}/{p}" for c in self.captioners
+                for p in (c.prompts if c.backend != "source" else c.columns or self.caption_columns())]
+
+    def txt_caption(self) -> str | None:
+        """The caption export writes as <key>.txt: export.txt, else the first captioner's first prompt."""
+        names = self.caption_names()
+        return self.export.txt or (names[0] if names else None)
 
     def caption_columns(self) -> list[str]:
         """Input caption columns (the synthetic world has one: 'caption')."""

@@ -25,8 +25,8 @@ import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
 
+from .images import check_image  # noqa: E402
 from .records import download_reason  # noqa: E402
 from .storage import atomic_write_bytes, atomic_write_table, tmp_name  # noqa: E402
 
@@ -47,26 +47,6 @@ def key_digits(shard_size: int) -> int:
 def make_key(shard_id: int, index: int, shard_size: int) -> str:
     k = key_digits(shard_size)
     return f"{shard_id * 10**k + index:0{SHARD_DIGITS + k}d}"
-
-
-def check_image(stream, max_pixels: float) -> str | None:
-    """None if the bytes are a complete image within the pixel limit, else the reason."""
-    try:
-        with Image.open(stream) as im:  # header only
-            w, h = im.size
-            if w * h > max_pixels:
-                return f"pixel limit: {w}x{h} = {w * h} pixels > {int(max_pixels)}"
-            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: cheap reduced decode, still reads every byte
-            im.load()
-    except Image.DecompressionBombError as e:
-        return f"pixel limit: {e}"
-    except UnidentifiedImageError:
-        return "not an image: cannot identify image file"
-    except (OSError, SyntaxError, ValueError) as e:
-        if "truncated" in str(e) or "broken data stream" in str(e):
-            return f"truncated image: {e}"
-        return f"decode error: {e}"
-    return None
 
 
 class CheckedResizer:

@@ -1,4 +1,8 @@
-"""Export stage: training-ready webdataset shards (<key>.jpg + <key>.json) and a per-key index.
+"""Export stage: training-ready webdataset shards (<key>.jpg + <key>.json + <key>.txt) and a per-key index.
+
+<key>.txt is one caption in full (config export.txt, default the first captioner's first prompt; when that
+caption was left out for a key, the longest kept one; the JSON's "txt" names which): what webdataset readers
+that expect an image/text pair, such as open_clip's own trainer, read.
 
 For each pipeline shard it writes export/<shard>-<part>.tar (parts cut at
 `max_samples` samples or `max_bytes` bytes) and export/<shard>.parquet with a
@@ -54,6 +58,14 @@ def captions_by_key(sentences: pa.Table, min_sentences: int) -> tuple[dict, dict
     return kept, dropped
 
 
+def pick_txt(captions: list[dict], name: str | None) -> dict:
+    """The kept caption called `name` ('CAPTIONER/PROMPT'), else the longest kept one."""
+    for c in captions:
+        if f"{c['captioner']}/{c['prompt_id']}" == name:
+            return c
+    return max(captions, key=lambda c: len(c["text"]))
+
+
 class TarParts:
     """Writes <prefix>-<part>.tar files, each committed by rename, cut at a sample or byte limit."""
 
@@ -97,9 +109,10 @@ class TarParts:
 
 def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, sentences: pa.Table,
                  out_dir: str, cfg, regions: pa.Table | None = None,
-                 extra_cols: list[str] = ()) -> tuple[pa.Table, dict]:
+                 extra_cols: list[str] = (), txt_caption: str | None = None) -> tuple[pa.Table, dict]:
     """Write the shard's export tars; returns its index (every key, exported or not) and a summary.
-    `extra_cols`: input columns carried into each sample's JSON under "extra" (e.g. the synthetic split)."""
+    `extra_cols`: input columns carried into each sample's JSON under "extra" (e.g. the synthetic split).
+    `txt_caption`: 'CAPTIONER/PROMPT' of the caption written as <key>.txt (None: the longest kept caption)."""
     extra_cols = [c for c in extra_cols if c in images_meta.column_names]
     extras = {r.pop("key"): r for r in images_meta.select(["key", *extra_cols]).to_pylist()}
     kept, dropped = captions_by_key(sentences, cfg.min_sentences)
@@ -125,9 +138,12 @@ def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, senten
                            "captions": kept[key], "extra": extras[key]}
                     if key in local:
                         doc["regions"] = local[key]
+                    txt = pick_txt(kept[key], txt_caption)
+                    doc["txt"] = f"{txt['captioner']}/{txt['prompt_id']}"
                     ext = "jpg" if "jpg" in files else next(e for e in files if e not in ("json", "txt"))
                     row["tar"] = parts.add(key, {"jpg" if ext == "jpg" else ext: files[ext],
-                                                 "json": json.dumps(doc, ensure_ascii=False).encode()})
+                                                 "json": json.dumps(doc, ensure_ascii=False).encode(),
+                                                 "txt": txt["text"].encode()})
             reasons.update(why or [OK])
             rows.append(row)
     finally:

@@ -18,12 +18,12 @@ import fsspec
 import pyarrow as pa
 from PIL import Image
 
+from .images import MAX_PIXELS, decode_image
 from .quality import QualityChecker
 from .records import CAPTIONS, FAILED, OK, SKIPPED, download_reason, empty_row, key_seed, table
 from .sentences import decode_text, normalize, text_measures
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 
 
 @dataclass
@@ -72,26 +72,6 @@ def jpeg_bytes(image: Image.Image, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def fit(image: Image.Image, max_side: int) -> Image.Image:
-    """RGB, scaled down (aspect kept) so that its longer side is at most max_side."""
-    image = image.convert("RGB")
-    if max(image.size) > max_side:
-        scale = max_side / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.Resampling.BICUBIC)
-    return image
-
-
-def decode_image(data: bytes, max_side: int, max_pixels: float = DEFAULT_MAX_PIXELS) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ValueError(f"pixel limit: {w}x{h} = {w * h} pixels > {int(max_pixels)}")
-        im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced size when that is enough
-        im.load()
-        return fit(im, max_side)
-
-
 def read_tar_images(tar_path: str, keys: set[str]) -> dict[str, bytes]:
     """Image bytes of `keys` from an images/<shard>.tar (any fsspec URL)."""
     out = {}
@@ -116,7 +96,7 @@ class MLLMCaptioner:
 
     backend = "mllm"
 
-    def __init__(self, cfg, prompts: dict, quality_cfg, run_seed: int = 0, max_pixels: float = DEFAULT_MAX_PIXELS):
+    def __init__(self, cfg, prompts: dict, quality_cfg, run_seed: int = 0, max_pixels: float = MAX_PIXELS):
         missing = [p for p in cfg.prompts if p not in prompts]
         if missing:
             raise ValueError(f"captioner {cfg.name!r}: prompts {missing} are not defined (have {sorted(prompts)})")
@@ -138,7 +118,7 @@ class MLLMCaptioner:
 
     def prepare(self, data: bytes) -> bytes:
         """Checked image bytes to send: the stored JPEG when it fits image_max_side, else resized and re-encoded."""
-        image = decode_image(data, self.cfg.image_max_side, self.max_pixels)
+        image = decode_image(data, self.max_pixels, max_side=self.cfg.image_max_side)
         with Image.open(io.BytesIO(data)) as im:
             if im.format == "JPEG" and im.mode == "RGB" and im.size == image.size:
                 return data

@@ -9,60 +9,20 @@ Every key of the shard gets a row, with a status and a reason when skipped.
 
 from __future__ import annotations
 
-import io
 import math
 from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .division import build_regions
 from .export import image_members
+from .images import MAX_PIXELS, decode_image
 from .matching import select_pairs
 from .records import FAILED, OK, REGIONS, SKIPPED, download_reason, empty_row, table
 
 CHUNK = 64  # images decoded, detected and scored together
-
-
-def decode_image(data: bytes, max_pixels: float, max_side: int, min_side: int) -> Image.Image:
-    """RGB image from bytes: pixel limit before decoding, any mode to RGB, downscaled to max_side. Raises ValueError."""
-    try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ValueError(f"image too large: {w}x{h} = {w * h} pixels > limit {int(max_pixels)}")
-        if min(w, h) < min_side:
-            raise ValueError(f"image too small: {w}x{h} px, regions need at least {min_side} px per side")
-        if max(w, h) > max_side:
-            im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
-        im.load()
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image too large: {e}") from None
-    except UnidentifiedImageError:
-        raise ValueError("not an image: cannot identify image file") from None
-    except OSError as e:
-        raise ValueError(f"decode error: {e}") from None
-    im = to_rgb(im)
-    if max(im.size) > max_side:
-        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-    return im
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Grayscale, palette, CMYK, 16-bit, float, alpha -> 8-bit RGB (alpha composited on white)."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
-        im = Image.fromarray(a.astype(np.uint8))
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
-        bg = Image.new("RGB", im.size, (255, 255, 255))
-        bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
-        return bg
-    return im.convert("RGB")
 
 
 def crop(im: Image.Image, box: list[float]) -> Image.Image:
@@ -93,7 +53,7 @@ def sentences_by_key(sentences: pa.Table) -> tuple[dict, dict]:
 class RegionPairer:
     """The stage's logic over one shard's inputs (no Ray, no run directory)."""
 
-    def __init__(self, cfg, scorer, detector=None, max_pixels: float = 89_478_485):
+    def __init__(self, cfg, scorer, detector=None, max_pixels: float = MAX_PIXELS):
         self.cfg, self.scorer, self.detector, self.max_pixels = cfg, scorer, detector, max_pixels
         self.text_cache: dict[str, np.ndarray] = {}
         self.fixed = None

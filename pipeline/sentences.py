@@ -2,6 +2,7 @@
 
 Text is Unicode-normalised (NFKC), control characters and runs of whitespace
 are cleaned, list bullets are removed; newlines are sentence boundaries. The
+split itself is a spaCy component (default: longcap's rules, pipeline/segmenters.py). The
 sentences, joined back, cover every non-space character of the normalised
 caption unless a `strip` action removed text on purpose (recorded in `stripped`).
 """
@@ -66,25 +67,42 @@ def _newline_boundaries(doc):
     return doc
 
 
-@functools.lru_cache(maxsize=4)
-def load_nlp(name: str = "blank:en"):
-    """`blank:en` = blank English + sentencizer; anything else is spacy.load(name) (needs a sentence component)."""
+SEGMENTERS = ("rules", "sentencizer", "pysbd", "nupunkt", "pipeline")
+
+
+@functools.lru_cache(maxsize=8)
+def load_nlp(name: str = "blank:en", segmenter: str = "rules"):
+    """A spaCy pipeline that splits sentences. `name`: 'blank:en' (tokenizer only) or an installed pipeline;
+    `segmenter`: rules (pipeline/segmenters.py, the default), sentencizer (spaCy's), pysbd, nupunkt, or
+    pipeline (the installed pipeline's own parser/senter). Line breaks are boundaries with every segmenter."""
     import spacy
     from spacy.language import Language
 
+    from .segmenters import COMPONENTS, register
+
+    if segmenter not in SEGMENTERS:
+        raise ValueError(f"unknown segmenter {segmenter!r}; known: {', '.join(SEGMENTERS)}")
     if "longcap_newlines" not in Language.factories:
         Language.component("longcap_newlines", func=_newline_boundaries)
+    register()
     if name.startswith("blank:"):
+        if segmenter == "pipeline":
+            raise ValueError("segmenter 'pipeline' needs an installed spaCy pipeline in spacy_model, not blank")
         nlp = spacy.blank(name.split(":", 1)[1])
-        nlp.add_pipe("sentencizer")
     else:
+        drop = ["ner", "lemmatizer", "textcat"] + ([] if segmenter == "pipeline" else ["parser", "senter"])
         try:
-            nlp = spacy.load(name, exclude=["ner", "lemmatizer", "textcat"])
+            nlp = spacy.load(name, exclude=drop)
         except OSError as e:
             raise ValueError(f"spaCy pipeline {name!r} is not installed ({e}); use 'blank:en' or install it") from None
-        if not ({"parser", "senter", "sentencizer"} & set(nlp.pipe_names)):
-            raise ValueError(f"spaCy pipeline {name!r} has no parser, senter or sentencizer: {nlp.pipe_names}")
-    nlp.add_pipe("longcap_newlines", first=True)
+        if segmenter == "pipeline" and not ({"parser", "senter"} & set(nlp.pipe_names)):
+            raise ValueError(f"spaCy pipeline {name!r} has no parser or senter: {nlp.pipe_names}")
+    if segmenter in COMPONENTS:
+        nlp.add_pipe(COMPONENTS[segmenter][0])
+    else:
+        if segmenter == "sentencizer":
+            nlp.add_pipe("sentencizer")
+        nlp.add_pipe("longcap_newlines", first=True)
     nlp.max_length = 10_000_000
     return nlp
 
@@ -134,7 +152,7 @@ class SentenceSplitter:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.nlp = load_nlp(cfg.spacy_model)
+        self.nlp = load_nlp(cfg.spacy_model, cfg.segmenter)
         self.quality = QualityChecker(cfg.quality)
 
     def split_shard(self, captions: pa.Table) -> pa.Table:

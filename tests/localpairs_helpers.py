@@ -10,8 +10,8 @@ from model.localdata import truth_regions
 from pipeline.config import TrainSection
 
 
-def region_shards(world, folder, per_shard=5, regions=True):
-    rows = pq.read_table(world / "truth.parquet").to_pylist()
+def region_shards(world, folder, per_shard=5, regions=True, limit=None):
+    rows = pq.read_table(world / "truth.parquet").to_pylist()[:limit]
     folder.mkdir(parents=True, exist_ok=True)
     urls = []
     for s in range(0, len(rows), per_shard):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.caft import build, describe
 from model.data import tokenize
@@ -58,24 +59,100 @@ def test_b16_forward_backward_on_cpu_and_size_class():
     assert 0.75 * ref <= ours <= 1.25 * ref
 
 
-def test_ablation_rows_differ_in_the_named_part_only():
-    from model.caft import CONFIGS, ablation_names
+def _pooled_over(model, images, tokens, valid, whole):
+    """forward() of a built model, recording how many image tokens the attention pooling gets as keys."""
+    seen, forward = [], model.pool.forward
 
-    rows = [CONFIGS[n] for n in ablation_names("tiny")]
-    siglip, flair, visual, textual, hloss, no_part = rows
-    assert (siglip.levels, siglip.whole_depth, siglip.part_loss) == ((), 0, False)
-    assert flair.part_loss and not flair.levels and flair.whole_depth == 0
-    assert visual.levels == hloss.levels and visual.whole_depth == 0 and not visual.part_loss
-    assert textual.whole_depth > 0 and not textual.part_loss
-    assert hloss.part_loss and hloss.part_level == 0 and no_part.part_level == -1
+    def spy(queries, parts, *a, **k):
+        seen.append(parts.shape[1])
+        return forward(queries, parts, *a, **k)
+    model.pool.forward = spy
+    out = model(images, tokens, valid, whole)
+    out["loss"].backward()
+    return out, seen
+
+
+def test_ablation_rows_use_the_papers_losses_and_image_tokens():
+    """Table 3 rows on the built model: the loss terms, the image tokens the pooling attends to, whose
+    gradients flow, the text encoder."""
+    from model.caft import ablation_names, row_label
+    from model.encoders import HierarchicalText, TextEncoder
+
+    names = ablation_names("tiny")
+    assert [row_label(n) for n in names] == ["FLAIR", "+ visual hierarchy", "+ textual hierarchy",
+                                             "+ hierarchical loss (CAFT)", "- part-level alignment",
+                                             "SigLIP (not in the paper)"]
     images, tokens, valid, whole = batch(2)
-    for cfg in rows:
-        model = build(cfg.name)
-        out = model(images, tokens, valid, whole)
-        assert set(out) == ({"whole", "part", "loss"} if cfg.part_loss else {"whole", "loss"}), cfg.name
-        parts = model.encode_image(images)["parts"]
-        assert parts.shape[1] == (196 if cfg.part_level < 0 or not cfg.levels else cfg.levels[0]), cfg.name
-    assert param_count(build("siglip-tiny").vision) != param_count(build("ablate-tiny-visual").vision)
+    # (loss terms, tokens the pooling attends to, text encoder, vision levels)
+    want = {"flair-tiny": ({"tcs", "mps"}, 196, TextEncoder, ()),  # flat ViT: 14 x 14 patches
+            "ablate-tiny-visual": ({"tcs", "mps"}, 16, TextEncoder, (64, 32, 16)),  # top-level segments
+            "ablate-tiny-textual": ({"whole", "part"}, 16, HierarchicalText, (64, 32, 16)),  # both on the top
+            "ablate-tiny-hloss": ({"whole", "part"}, 64, HierarchicalText, (64, 32, 16)),  # part on the mid level
+            "ablate-tiny-no-part": ({"whole"}, None, HierarchicalText, (64, 32, 16)),
+            "siglip-tiny": ({"whole"}, None, TextEncoder, ())}
+    for name in names:
+        torch.manual_seed(0)
+        model = build(name)
+        terms, keys, text_cls, levels = want[name]
+        out, seen = _pooled_over(model, images, tokens, valid, whole)
+        assert set(out) - {"loss"} == terms == set(model.losses_used()), name
+        assert seen == ([keys] if keys else []), name
+        assert type(model.text) is text_cls and model.cfg.levels == levels, name
+        grad = {n: p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()}
+        assert grad["vision.cls"] and grad["whole_logit.bias"], name
+        assert grad["part_logit.bias"] == ("part" in terms), name  # FLAIR: one scale/bias pair for both losses
+        assert grad["pool.attn.in_proj_weight"] == (keys is not None), name
+        assert model.find_unused_parameters == (not all(grad.values())), name
+
+
+def test_flair_row_loss_is_the_mean_of_its_two_flair_losses():
+    from model.losses import flair_mps_loss, flair_tcs_loss
+
+    images, tokens, valid, whole = batch(3)
+    torch.manual_seed(1)
+    model = build("ablate-tiny-visual")
+    torch.manual_seed(5)
+    out = model(images, tokens, valid, whole)
+    v, t = model.encode_image(images), model.encode_text(tokens, valid, whole)
+    sub = F.normalize(t["sub"], dim=-1)
+    g = F.normalize(model.ground(t["sub"], v["parts"]), dim=-1)
+    torch.manual_seed(5)  # the same draw of other images' sub-captions
+    from model.losses import flair_pick
+    pick = flair_pick(valid, 3)
+    s, b = model.whole_logit.scale(), model.whole_logit.bias
+    tcs = flair_tcs_loss(sub, g, valid, pick, s, b)
+    mps = flair_mps_loss(F.normalize(v["cls"], dim=-1), sub, valid, s, b)
+    assert torch.allclose(out["tcs"], tcs, atol=1e-5) and torch.allclose(out["mps"], mps, atol=1e-5)
+    assert torch.allclose(out["loss"], (tcs + mps) / 2, atol=1e-5)
+
+
+def test_part_tokens_are_the_second_stages_output():
+    """CAFT §3.1: the part features are the 64 segment tokens as the second stage outputs them (after its
+    blocks), not the pooled tokens that enter it; +textual takes the last stage's output."""
+    model = build("caft-tiny").eval()
+    images = batch(1)[0]
+    got = {}
+    model.vision.stages[1][-1].register_forward_hook(lambda m, i, o: got.__setitem__("stage2", o))
+    model.vision.stages[-1][-1].register_forward_hook(lambda m, i, o: got.__setitem__("last", o))
+    with torch.no_grad():
+        v = model.encode_image(images)
+        vis = model.vision
+        want = vis.proj(vis.norm(got["stage2"][:, 1:]))
+        before_blocks = vis.proj(vis.norm(v["levels"][0]))
+    assert v["parts"].shape == (1, 64, 64) and torch.allclose(v["parts"], want, atol=1e-6)
+    assert not torch.allclose(v["parts"], before_blocks, atol=1e-3)
+    assert vis.part_assignments == 1  # heat maps: superpixels -> the 64 segments
+    top = build("ablate-tiny-textual").eval()
+    top.load_state_dict(model.state_dict())
+    top.vision.stages[-1][-1].register_forward_hook(lambda m, i, o: got.__setitem__("last", o))
+    with torch.no_grad():
+        vt = top.encode_image(images)
+        assert torch.allclose(vt["parts"], top.vision.proj(top.vision.norm(got["last"][:, 1:])), atol=1e-6)
+    assert vt["parts"].shape == (1, 16, 64) and top.vision.part_assignments == 3
+    with pytest.raises(ValueError, match="part_tokens"):
+        build("caft-tiny", part_tokens="superpixels")
+    with pytest.raises(ValueError, match="flat text encoder"):
+        build("caft-tiny", loss="flair")
 
 
 def test_sfcn_backend_from_a_checkpoint(tmp_path):

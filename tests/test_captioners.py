@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.captions import build_captioner
 from pipeline.config import CaptionerSection, ConfigError, PromptSection, QualitySection, load_config
-from pipeline.mllm import Request, Result, caption_flags, decode_image, prompt_hash
+from pipeline.mllm import Request, Result, caption_flags, prompt_hash
 from pipeline.quality import QualityChecker
 from pipeline.vllm_captioner import VLLMCaptioner, engine_args, map_output, sampling_params
 from workflows.cli import main
@@ -87,14 +87,6 @@ def test_prompt_hash_and_flags_reuse_the_sentences_checker():
     assert caption_flags(checker, "The image shows a red circle on a white background.", "stop") == ["boilerplate"]
     assert caption_flags(checker, "A red circle on a white background near the top", "length") == ["truncated"]
     assert caption_flags(checker, "", "stop") == ["empty"]
-
-
-def test_decode_image_resizes_and_enforces_the_pixel_limit():
-    im = decode_image(jpeg((10, 200, 30), size=(400, 100)), max_side=64)
-    assert im.size == (64, 16) and im.mode == "RGB"
-    assert abs(im.getpixel((32, 8))[1] - 200) < 8
-    with pytest.raises(ValueError, match="pixel limit: 400x100"):
-        decode_image(jpeg((0, 0, 0), size=(400, 100)), max_side=64, max_pixels=1000)
 
 
 def test_prepare_sends_stored_jpegs_as_they_are_and_resizes_the_rest():

@@ -101,3 +101,33 @@ def test_train_configs_load_and_name_bad_keys(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_train_config(str(bad))
     assert "unknown key 'train.stepz' (did you mean 'steps'?)" in str(e.value)
+
+
+def test_bad_train_model_and_model_changes_fail_at_load_before_any_stage(tmp_path):
+    cfg = demo_config(tmp_path / "run")
+    cfg["train"] = {"model": "caft-tniy", "steps": 2}
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, cfg))
+    msg = str(e.value)
+    assert "train.model" in msg and "unknown model 'caft-tniy' (did you mean 'caft-tiny'?)" in msg
+    assert "goal-tiny" in msg and "grouping-tiny" in msg  # every registered name is listed
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+    cfg["train"] = {"model": "caft-tiny", "model_changes": {"backend": "sfcn", "embed_dimm": 32}}
+    with pytest.raises(ConfigError, match=r"train.model_changes: .*unknown model config fields \['embed_dimm'\] "
+                                          r"for caft-tiny \(caft\); known: .*embed_dim"):
+        load_config(write(tmp_path, cfg))
+    cfg["train"]["model_changes"] = {"embed_dim": "wide"}
+    with pytest.raises(ConfigError, match=r"'embed_dim' of caft-tiny: 'wide' is a str, expected int"):
+        load_config(write(tmp_path, cfg))
+    cfg["train"] = {"model": "goal-tiny", "model_changes": {"pretrained": "/some/clip.pt"}}  # a None default
+    assert load_config(write(tmp_path, cfg)).train.model_changes == {"pretrained": "/some/clip.pt"}
+    assert main(["run", str(write(tmp_path, {**cfg, "train": {"model": "nope"}})), "--no-progress"]) != 0
+
+
+def test_export_txt_names_a_caption_of_the_run(tmp_path):
+    cfg = demo_config(tmp_path / "run")
+    assert load_config(write(tmp_path, cfg)).txt_caption() == "source/caption"  # the first captioner's first
+    cfg["export"] = {"txt": "source/captoin"}
+    with pytest.raises(ConfigError, match=r"export.txt 'source/captoin' is not a caption of this run; "
+                                          r"captions are source/caption"):
+        load_config(write(tmp_path, cfg))

@@ -38,6 +38,7 @@ def test_demo_config_runs_end_to_end_with_training(ray_session, tmp_path, capsys
     rows = [json.loads(x) for x in (run / "models" / "caft-tiny" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4] and rows[-1]["step"] == 4 and "eval" in rows[-1]
     assert (run / "models" / "caft-tiny" / "latest").read_text().strip() == "step-0000004"
+    assert list((run / "models" / "caft-tiny" / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard installed
     # a second run finds everything done: no new steps, the same evaluation printed again
     assert main(["run", str(run), "--no-progress"]) == 0
     again = capsys.readouterr().out

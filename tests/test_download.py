@@ -198,3 +198,17 @@ def test_own_server_gone_fails_the_shard_instead_of_committing_errors(tmp_path):
     # a server that is not ours: the errors are the URLs' own and are committed
     summary = download_shard(0, rows, str(tmp_path), DownloadSection(timeout=2, allow_networks=["127.0.0.1/32"]), 10, base)
     assert summary["reasons"] == {"connection_error": 2}
+
+
+def test_check_image_completeness_without_a_second_decode():
+    """A JPEG ending in its EOI marker passes on the header alone; cut anywhere (even just the last byte) it
+    fails as truncated; bytes after the EOI, or another format, get the decode instead."""
+    good = jpeg(7, (200, 150))
+    assert good.endswith(b"\xff\xd9") and check_image(io.BytesIO(good), 1e8) is None
+    for cut in (len(good) - 1, len(good) - 2, len(good) * 2 // 3, len(good) // 3):
+        assert check_image(io.BytesIO(good[:cut]), 1e8).startswith("truncated image"), cut
+    assert check_image(io.BytesIO(good + b"\x00" * 16), 1e8) is None  # padding after EOI: decoded, complete
+    png = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(png, "PNG")
+    assert check_image(io.BytesIO(png.getvalue()), 1e8) is None
+    assert check_image(io.BytesIO(png.getvalue()[:-40]), 1e8) is not None

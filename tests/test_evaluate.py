@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 from model import evalsets
 from model.caft import build
 from model.checkpoint import save_model
-from model.evaluate import caption_chunks, recall_at_k, retrieval, text_inputs, token_count
+from model.evaluate import (balanced_caption_chunks, recall_at_k, retrieval, split_caption_chunks, text_inputs,
+                            token_count)
 from model.grounding import grounding_mask, iou
 from workflows.cli import main
 
@@ -122,37 +123,57 @@ LONG = ("The photograph shows a narrow street in an old European town early in t
         "drift across a sky that turns from grey to a soft shade of pink and orange near the horizon above the hills.")
 
 
-def test_long_chunks_are_split_not_truncated():
+def test_balanced_chunks_truncate_and_count_never_more_than_k():
     sentences = [s.strip() + "." for s in LONG.split(".") if s.strip()]
-    assert token_count(" ".join(sentences)) > 100
-    chunks, dropped = caption_chunks(sentences, k=1)
-    assert dropped == 0
-    assert all(token_count(c) <= 75 for c in chunks)
-    assert " ".join(chunks).split() == " ".join(sentences).split()  # every word, in order
-    assert len(chunks) >= 2  # one chunk of the whole caption was over 77 tokens
-    chunks, dropped = caption_chunks(sentences, k=1, max_chunks=1)  # past the model's chunk limit: counted
-    assert len(chunks) == 1 and dropped > 0
+    assert [token_count(s) for s in sentences] == [38, 9, 10, 44]
+    chunks, n_trunc, cut = balanced_caption_chunks(sentences, k=2)
+    assert chunks == [" ".join(sentences[:2]), " ".join(sentences[2:])] and n_trunc == 0 and cut == 0
+    chunks, n_trunc, cut = balanced_caption_chunks(sentences, k=1)  # 101 tokens in one chunk: 26 cut, counted
+    assert len(chunks) == 1 and n_trunc == 1 and cut == 101 - 75
+    chunks, n_trunc, cut = balanced_caption_chunks(sentences * 10, k=4)  # 40 sentences: still exactly K chunks
+    assert len(chunks) == 4 and n_trunc == 4 and cut == sum(token_count(c) - 75 for c in chunks)
 
 
-def test_chunks_split_at_sentences_first_and_count_a_word_the_tokenizer_cuts():
+def test_split_chunks_for_models_without_chunk_positions():
     sentences = [s.strip() + "." for s in LONG.split(".") if s.strip()]
-    chunks, dropped = caption_chunks(sentences, k=1)
-    assert [token_count(s) for s in sentences] == [38, 9, 10, 44]  # 101 tokens: over one context
+    chunks, dropped = split_caption_chunks(sentences, k=1)
     assert chunks == [" ".join(sentences[:3]), sentences[3]] and dropped == 0  # whole sentences, greedily
     words = ["word"] * 30 + ["x" * 400] + ["end"] * 3
-    chunks, dropped = caption_chunks([" ".join(words) + "."], k=1)
+    chunks, dropped = split_caption_chunks([" ".join(words) + "."], k=1)
     assert dropped == 1 and " ".join(chunks).split() == (" ".join(words) + ".").split()
     # per-word counts add up to the joined text's count (CLIP's BPE works word by word)
     assert sum(token_count(w) for w in LONG.split()) == token_count(LONG)
-    chunks, dropped = caption_chunks(sentences * 40, k=1, max_chunks=None)  # FLAIR: no chunk limit
+    chunks, dropped = split_caption_chunks(sentences * 40, k=1)
     assert dropped == 0 and len(chunks) > 16
 
 
 def test_flat_baselines_truncate_and_say_so():
-    t = text_inputs([LONG, "A red circle."], k=4, flat=True)
-    assert t["tokens"].shape == (2, 1, 77) and t["truncated"] == 1
-    h = text_inputs([LONG, "A red circle."], k=4, flat=False)
-    assert h["truncated"] == 0 and h["valid"][0].sum() > h["valid"][1].sum() == 1
+    t = text_inputs([LONG, "A red circle."], k=4, mode="flat")
+    assert t["tokens"].shape == (2, 1, 77) and t["truncated"] == 1 and t["tokens_cut"] == token_count(LONG) - 75
+    h = text_inputs([LONG, "A red circle."], k=4, mode="balanced")
+    assert h["truncated"] == 0 and h["valid"][0].sum() == 4 > h["valid"][1].sum() == 1
+
+
+def test_no_unseen_chunk_position_at_evaluation(tmp_path):
+    """The whole-caption encoder of a model trained with K chunks sees positions 0..K-1 only, however long the
+    caption: over-long chunks are truncated (and counted), never split into more chunks."""
+    from model.evaluate import encode_set
+
+    torch.manual_seed(0)
+    model = build("caft-tiny")
+    seen = []
+    encode = model.encode_text
+    model.encode_text = lambda tok, val, whole: (seen.append(val.clone()), encode(tok, val, whole))[1]
+    make_urban(tmp_path / "urban")
+    es = evalsets.read_urban1k(tmp_path / "urban")
+    es.captions[0] = " ".join([LONG] * 6)  # 24 sentences, 600 tokens
+    for k in (1, 2, 4):
+        seen.clear()
+        enc = encode_set(model, es, image_size=64, k_chunks=k, batch_size=2)
+        assert max(v.shape[1] for v in seen) <= k  # positions past K-1 never reach the encoder
+        assert enc["valid"].sum(1).tolist()[0] == k and enc["truncated"] >= 1 and enc["tokens_cut"] > 0
+    with pytest.raises(ValueError, match="only 16 positions"):
+        encode_set(model, es, image_size=64, k_chunks=17)
 
 
 # ---------------------------------------------------------------- readers (tiny copies in published layouts)
@@ -300,6 +321,65 @@ def test_refer_reader_masks_and_refuses_pickled_objects(tmp_path):
     assert not (tmp_path / "longcap-pwned").exists()
 
 
+def make_offcentre_ref(root):
+    """A 240x80 image whose referred object lies at the far left: a centre crop would cut it away."""
+    images = root / "images" / "mscoco" / "images" / "train2014"
+    images.mkdir(parents=True)
+    im = Image.new("RGB", (240, 80), (240, 240, 240))
+    ImageDraw.Draw(im).rectangle((5, 20, 44, 59), fill=COLOURS["red"])
+    ImageDraw.Draw(im).ellipse((150, 10, 210, 70), fill=COLOURS["blue"])
+    im.save(images / "COCO_train2014_000000000007.jpg")
+    inst = {"images": [{"id": 7, "file_name": "COCO_train2014_000000000007.jpg", "height": 80, "width": 240}],
+            "annotations": [{"id": 70, "image_id": 7, "category_id": 1, "iscrowd": 0, "bbox": [5, 20, 40, 40],
+                             "segmentation": [[5, 20, 45, 20, 45, 60, 5, 60]]}], "categories": []}
+    refs = [{"ref_id": 1, "ann_id": 70, "image_id": 7, "split": "val", "category_id": 1,
+             "sentences": [{"sent": "the red square on the left"}, {"sent": "left square"}]}]
+    (root / "refcoco").mkdir()
+    (root / "refcoco" / "instances.json").write_text(json.dumps(inst))
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+
+
+def test_sag_masks_resize_to_the_original_size_then_threshold():
+    from model.grounding import sag_masks
+
+    heat = torch.zeros(1, 4, 4)
+    heat[0, :2, :2] = 3.0  # hot top-left quarter of the square input
+    m = sag_masks(heat, (8, 12))[0]
+    assert m.shape == (8, 12) and m[:3, :5].all() and not m[5:, :].any() and not m[:, 7:].any()
+    assert sag_masks(heat * 7 - 2, (8, 12))[0, :3, :5].all()  # min-max normalised: scale and offset free
+    assert sag_masks(heat, (8, 12), None)[0].sum() == 24  # Otsu variant: the same 4x6 hot corner
+
+
+def test_sag_grounding_counts_a_ref_outside_the_centre(tmp_path):
+    """SaG's protocol: every sentence counts, the full image resized square (no crop), maps back at the
+    original size, threshold 0.5; checked against SaG's own steps (torchvision resize of the map, numpy IoU)."""
+    from torchvision.transforms import functional as TF
+
+    from model.evaluate import _mask_to, refer_grounding, square_image
+    from model.grounding import text_heatmaps
+
+    make_offcentre_ref(tmp_path)
+    items = evalsets.read_refer(tmp_path, "refcoco", "val")
+    gt = evalsets.ref_mask(items[0])
+    assert gt.shape == (80, 240) and gt.sum() == 40 * 40 and not _mask_to(gt, 64).any()  # a centre crop loses it
+    torch.manual_seed(0)
+    model = build("caft-tiny")
+    g = refer_grounding(model, items, image_size=64)
+    assert g["n"] == 2 and g["skipped"] == []
+    image, hw = square_image(items[0].image, 64, 10**8)
+    heat = text_heatmaps(model, image.unsqueeze(0), items[0].sentences)
+    ious, inter, union = [], 0, 0
+    for h in heat:  # SaG eval_cma_recon.py get_IoU_map, step by step
+        a = TF.resize(h[None], list(gt.shape)).squeeze().numpy()
+        a = (a - a.min()) / (a.max() - a.min() + 1e-9)
+        pred = a >= 0.5
+        i, u = np.logical_and(pred, gt).sum(), np.logical_or(pred, gt).sum()
+        ious.append(i / u)
+        inter, union = inter + i, union + u
+    assert g["miou"] == pytest.approx(np.mean(ious), abs=1e-6) and g["ciou"] == pytest.approx(inter / union)
+    assert g["baseline_whole_image_miou"] == pytest.approx(1600 / (80 * 240))
+
+
 # ---------------------------------------------------------------- `longcap eval`
 
 
@@ -319,9 +399,9 @@ def test_eval_retrieval_matches_brute_force_on_the_model_scores(tmp_path, tiny_c
     make_urban(tmp_path / "urban")
     model = load_model(tiny_ckpt)
     es = evalsets.read_urban1k(tmp_path / "urban")
-    enc = encode_set(model, es, image_size=64, k_chunks=1, batch_size=3)
+    enc = encode_set(model, es, image_size=64, k_chunks=3, batch_size=3)
     r = retrieval(model, enc)
-    assert enc["truncated"] == 0 and enc["valid"][1].sum() > 1 == enc["valid"][0].sum()  # long: more chunks
+    assert enc["truncated"] == 0 and enc["valid"][1].sum() == 3 > enc["valid"][0].sum() == 2  # S=6 / S=2 sentences
     whole = torch.nn.functional.normalize(enc["cls"], dim=-1) @ torch.nn.functional.normalize(enc["whole"], dim=-1).T
     i2t, t2i = brute_recall(whole.numpy(), enc["image_of_text"], 1)
     assert r["whole"]["i2t_r1"] == pytest.approx(i2t) and r["whole"]["t2i_r1"] == pytest.approx(t2i)
@@ -343,7 +423,7 @@ def test_eval_cli_writes_results_and_records_broken_images(tmp_path, tiny_ckpt, 
     assert written.name == f"docci-{tiny_ckpt.parent.name}.json"  # named after the checkpoint: no overwrites
     r = json.loads(written.read_text())
     assert r["retrieval"]["n"] == 2 and r["retrieval"]["n_texts"] == 2
-    assert r["skipped"][0]["item"].endswith("test_00001.jpg") and "UnidentifiedImageError" in r["skipped"][0]["reason"]
+    assert r["skipped"][0]["item"].endswith("test_00001.jpg") and "not an image" in r["skipped"][0]["reason"]
     assert set(r["retrieval"]) >= {"whole", "part", "caftpp"}
     out = capsys.readouterr().out
     assert "skipped 1" in out and written.name in out
@@ -358,9 +438,14 @@ def test_eval_cli_writes_results_and_records_broken_images(tmp_path, tiny_ckpt, 
     assert rc == 2 and "densely_captioned_images" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["flair-tiny", "ablate-tiny-no-part", "caft-tiny"])
+@pytest.mark.parametrize("name", ["flair-tiny", "ablate-tiny-visual", "caft-tiny"])
 def test_heatmaps_of_every_grounding_row(name):
-    """FLAIR (flat ViT: attention over patches) and -part-level (over superpixels) paint heat maps too."""
+    """FLAIR (flat ViT: attention over patches) and +visual (over the top-level segments) paint heat maps too;
+    -part-level (whole loss only) has no trained pooling and is refused."""
+    from model.grounding import text_heatmaps as heatmaps
+
+    with pytest.raises(ValueError, match="without the part-level loss"):
+        heatmaps(build("ablate-tiny-no-part").eval(), torch.randn(1, 3, 64, 64), ["a red circle"])
     from model.grounding import text_heatmaps
 
     torch.manual_seed(0)
@@ -410,6 +495,8 @@ def test_ablate_trains_every_row_with_the_same_section(world, tmp_path, capsys):
     trained = json.loads(next((run / "ablation" / "siglip-tiny" / "seed-1").glob("step-*/train.json")).read_text())
     assert (trained["n_sub"], trained["k_chunks"], trained["seed"], trained["steps"]) == (1, 1, 1, 2)
     assert row_config(yaml_train(cfg), "ablate-tiny-hloss", 0, 2, "x").n_sub == 3
+    assert row_config(yaml_train(cfg), "flair-tiny", 0, 2, "x").n_sub == 3  # FLAIR: every sub-caption a text
+    assert t["claims"] == [] and t["device"] == "cpu"  # no pair of the paper's claims among these two rows
     out = capsys.readouterr().out
     assert "| siglip-tiny |" in out and "— |" in out
 

@@ -13,7 +13,7 @@ from pipeline.config import ConfigError, RegionsSection, load_config
 from pipeline.division import area_filter, build_regions, dedup, division_regions
 from pipeline.matching import select_pairs
 from pipeline.records import REGIONS, SENTENCES, empty_row
-from pipeline.regions import RegionPairer, crop, decode_image, goal_records
+from pipeline.regions import RegionPairer, crop, goal_records
 from workflows.evalpairs import pair_metrics
 
 # ---------------------------------------------------------------- division and filters
@@ -103,45 +103,13 @@ def test_select_pairs_one_region_and_no_regions():
     assert select_pairs(np.zeros((3, 0)), 0, 0, 1) == []
 
 
-# ---------------------------------------------------------------- decoding
+# ---------------------------------------------------------------- crops (decoding: test_images.py)
 
 
 def encode(im, fmt="JPEG", **kw):
     buf = io.BytesIO()
     im.save(buf, fmt, **kw)
     return buf.getvalue()
-
-
-def test_decode_any_mode_to_rgb():
-    gray = decode_image(encode(Image.new("L", (40, 30), 128)), 1e6, 1024, 16)
-    assert gray.mode == "RGB" and gray.size == (40, 30) and gray.getpixel((5, 5)) == (128, 128, 128)
-    cmyk = decode_image(encode(Image.new("CMYK", (40, 30), (0, 255, 255, 0))), 1e6, 1024, 16)
-    r, g, b = cmyk.getpixel((5, 5))
-    assert cmyk.mode == "RGB" and r > 200 and g < 60 and b < 60  # cyan 0, magenta + yellow full: red
-    rgba = Image.new("RGBA", (20, 20), (0, 0, 255, 0))
-    assert decode_image(encode(rgba, "PNG"), 1e6, 1024, 16).getpixel((1, 1)) == (255, 255, 255)  # transparent: white
-    deep = Image.fromarray(np.tile(np.arange(0, 65536, 2048, dtype=np.uint16), (32, 1)))
-    dec = decode_image(encode(deep, "PNG"), 1e6, 1024, 16)
-    assert dec.mode == "RGB" and dec.getpixel((0, 0))[0] == 0 and dec.getpixel((31, 0))[0] == 255
-    pal = Image.new("P", (20, 20), 3)
-    pal.putpalette([0, 0, 0, 10, 20, 30, 40, 50, 60, 200, 100, 50] + [0] * 756)
-    assert decode_image(encode(pal, "PNG"), 1e6, 1024, 16).getpixel((0, 0)) == (200, 100, 50)
-
-
-def test_decode_huge_tiny_and_broken_images():
-    big = encode(Image.new("RGB", (3000, 2000), (10, 200, 10)))
-    im = decode_image(big, 1e8, 512, 16)
-    assert max(im.size) == 512 and im.size == (512, 341)  # downscaled, aspect kept
-    with pytest.raises(ValueError, match=r"image too large: 3000x2000 = 6000000 pixels > limit 1000000"):
-        decode_image(big, 1e6, 512, 16)
-    with pytest.raises(ValueError, match=r"image too small: 1x1 px, regions need at least 16 px per side"):
-        decode_image(encode(Image.new("RGB", (1, 1)), "PNG"), 1e6, 512, 16)
-    assert decode_image(encode(Image.new("RGB", (1, 1)), "PNG"), 1e6, 512, 1).size == (1, 1)
-    with pytest.raises(ValueError, match="not an image"):
-        decode_image(b"<html>nope</html>", 1e6, 512, 16)
-    good = encode(Image.effect_noise((64, 64), 50).convert("RGB"))
-    with pytest.raises(ValueError, match="decode error"):
-        decode_image(good[: len(good) // 2], 1e6, 512, 16)
 
 
 def test_crop_is_at_least_one_pixel():

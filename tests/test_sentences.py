@@ -142,3 +142,20 @@ def test_config_rejects_bad_actions_and_regexes(tmp_path):
 def test_unknown_spacy_pipeline_is_a_clear_error():
     with pytest.raises(ValueError, match="spaCy pipeline 'xx_not_installed' is not installed"):
         load_nlp("xx_not_installed")
+
+
+@pytest.mark.parametrize("text, want", [
+    ("Prof. Adeyemi waves at the camera. Behind her, a bus pulls away",
+     ["Prof. Adeyemi waves at the camera.", "Behind her, a bus pulls away"]),
+    ("A jar holds approx. 40 marbles... Some are chipped. The jar sits on No. 9 of the shelf list.",
+     ["A jar holds approx. 40 marbles...", "Some are chipped.", "The jar sits on No. 9 of the shelf list."]),
+    ("A note says \"Gone fishing!\" in red. (It looks old.) Cans, nets, etc. lie around; see www.x.org/a.b. A dog.",
+     ["A note says \"Gone fishing!\" in red.", "(It looks old.)", "Cans, nets, etc. lie around; see www.x.org/a.b.",
+      "A dog."]),
+    ("The sign by E. L. Ortiz reads 4.5 km to the U.S. border. The clock says 9:05 p.m.\nItems:\n- a lamp\n- a mug.",
+     ["The sign by E. L. Ortiz reads 4.5 km to the U.S. border.", "The clock says 9:05 p.m.", "Items:", "a lamp",
+      "a mug."]),
+])
+def test_rule_segmenter_on_cases_outside_the_labelled_set(splitter, text, want):
+    (r,) = split(splitter, [text])
+    assert r["sentences"] == want

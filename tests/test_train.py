@@ -53,7 +53,18 @@ def test_schedule_and_weight_decay_groups():
     assert "whole_logit.log_scale" in plain_names and "part_logit.bias" in plain_names
     assert all(p.ndim >= 2 for p in decay["params"]) and not any(n.endswith(".bias") for n in decay_names)
     assert any("norm" in n for n in plain_names) and "text.sub.tok.weight" in decay_names
+    # class tokens, position embeddings (CAFT: [1,1,D] and [77,D], [16,D] tables): no decay
+    assert {"vision.cls", "text.cls", "text.chunk_pos", "text.sub.pos"} <= plain_names
+    assert "vision.proj.weight" in decay_names and "pool.attn.in_proj_weight" in decay_names
     assert len(plain_names) + len(decay_names) == len(list(model.parameters()))
+    from model.registry import build as build_any
+
+    goal = build_any("goal-tiny")  # open_clip's spellings: class_embedding, positional_embedding, logit_scale
+    g_names = {id(p): n for n, p in goal.named_parameters()}
+    g_decay, g_plain = param_groups(goal, 0.2)
+    assert {"clip.visual.class_embedding", "clip.visual.positional_embedding", "clip.positional_embedding",
+            "clip.logit_scale"} <= {g_names[id(p)] for p in g_plain["params"]}
+    assert "clip.token_embedding.weight" in {g_names[id(p)] for p in g_decay["params"]}
 
 
 def _ddp_worker(rank, world, port, path, inputs):
@@ -207,6 +218,22 @@ def test_export_model_scores_like_the_trained_model(world, tmp_path):
     assert json.loads(meta["config"])["name"] == "caft-tiny" and meta["step"] == "2"
 
 
+def test_training_writes_tensorboard_event_files_with_the_logged_losses(world, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from model.train import train
+
+    urls = world_shards(world, tmp_path / "shards")
+    train(tiny_cfg(steps=2, tensorboard=True), urls, tmp_path / "t")
+    assert list((tmp_path / "t" / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "t" / "tensorboard"))
+    events.Reload()
+    logged = losses(tmp_path / "t")
+    got = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(got) == sorted(logged) == [1, 2]
+    assert all(abs(got[s] - logged[s]) < 1e-5 for s in got)  # the same numbers as metrics.jsonl
+
+
 def test_resume_refuses_another_architecture(world, tmp_path):
     from model.train import train
 
@@ -231,18 +258,6 @@ def test_fsspec_shards_and_split_filter(world, tmp_path):
     keys = [k for b in dataset(remote, cfg) for k in b["keys"]]
     truth = pq.read_table(world / "truth.parquet").to_pylist()
     assert len(keys) == sum(r["split"] == "test" for r in truth) > 0
-
-
-@pytest.mark.slow
-def test_ray_train_two_workers(ray_session, world, tmp_path):
-    from workflows.training import launch, plan
-
-    urls = world_shards(world, tmp_path / "shards")
-    cfg = tiny_cfg(steps=2, ray_workers=2, shards=urls, out=str(tmp_path / "ray"), batch_size=4)
-    res = launch(cfg, plan(cfg))
-    rows = [json.loads(x) for x in Path(tmp_path / "ray", "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and rows[0]["world_size"] == 2
-    assert res["step"] == 2 and load_model(tmp_path / "ray").cfg.name == "caft-tiny"
 
 
 def test_caft_scorer_embeds_like_the_model(world, tmp_path):

@@ -35,6 +35,14 @@ def _split_csv(text: str | None) -> list[str] | None:
 
 
 def cmd_config(args) -> int:
+    if args.reference:
+        from pipeline.configdoc import reference
+
+        print(reference(), end="")
+        return 0
+    if not args.config:
+        print("longcap config: give a CONFIG (or --reference)", file=sys.stderr)
+        return 2
     print(dump_config(_load(args.config, args.overrides)), end="")
     return 0
 
@@ -154,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longcap", description="long-caption datasets and hierarchical VLM training")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("config", help="print the resolved config")
-    c.add_argument("config")
+    c = sub.add_parser("config", help="print the resolved config (--reference: every key, generated)")
+    c.add_argument("config", nargs="?")
+    c.add_argument("--reference", action="store_true", help="print the configuration reference (CONFIG.md)")
     c.add_argument("overrides", nargs="*", help="dotted.key=value")
     c.set_defaults(fn=cmd_config)
 

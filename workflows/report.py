@@ -23,6 +23,7 @@ import fsspec
 import numpy as np
 
 from pipeline.download import shard_name
+from pipeline.images import MAX_PIXELS
 from pipeline.storage import atomic_write_bytes, exists, read_table
 from . import report_html as H
 from .rundir import RunDir
@@ -31,7 +32,6 @@ log = logging.getLogger("longcap.report")
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
            "#9a6324", "#800000", "#469990", "#000075"]
-MAX_PIXELS = 89_478_485
 
 
 # ---------------------------------------------------------------- grounding (shared with `longcap ground`)
@@ -82,7 +82,7 @@ def ground_images(model, image, texts: list[str], size: int, device: str = "cpu"
 
 
 def open_image(path: str):
-    from model.data import decode_image
+    from pipeline.images import decode_image
     from pipeline.sources import InputError
 
     try:
@@ -384,7 +384,7 @@ def _safe(name: str) -> str:
 def sec_gallery(c: Ctx, n: int) -> str:
     from PIL import ImageDraw
 
-    from model.data import decode_image
+    from pipeline.images import decode_image
 
     stages = _region_stages(c)
     if not stages:
@@ -476,7 +476,7 @@ def _eval_samples(c: Ctx, n: int) -> list[tuple[str, object, list[str]]]:
     """(key, PIL image, sentences of its longest caption) of n export samples, the test split first."""
     import webdataset as wds
 
-    from model.data import decode_image
+    from pipeline.images import decode_image
 
     tars = c.glob("export/*.tar")
     if not tars:

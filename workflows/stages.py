@@ -16,7 +16,7 @@ from pipeline.download import download_shard, read_images_meta, shard_name
 from pipeline.export import export_shard
 from pipeline.records import CAPTIONS, OK
 from pipeline.sentences import SentenceSplitter
-from pipeline.storage import atomic_write_table, read_table
+from pipeline.storage import atomic_write_bytes, atomic_write_table, read_table
 from .rundir import RunDir
 
 import pyarrow as pa
@@ -144,7 +144,7 @@ class ExportWorker:
                                       self.run_dir.images(f"{name}.tar"),
                                       read_table(self.run_dir.output("sentences", shard)),
                                       self.run_dir.path("export"), self.cfg.export, regions=self._regions(shard),
-                                      extra_cols=self.cfg.extra_columns())
+                                      extra_cols=self.cfg.extra_columns(), txt_caption=self.cfg.txt_caption())
         atomic_write_table(self.run_dir.output("export", shard), index)
         return summary
 
@@ -160,6 +160,8 @@ def write_export_index(run_dir: RunDir, shards: list[int]) -> int | None:
         return None
     parts = [read_table(run_dir.output("export", s)) for s in shards]
     index = pa.concat_tables(parts).filter(pa.compute.field("exported"))
+    sizes = Counter(index["tar"].to_pylist())  # samples per tar: how open_clip's trainer counts a dataset
+    atomic_write_bytes(run_dir.path("export", "sizes.json"), json.dumps(dict(sorted(sizes.items())), indent=1).encode())
     atomic_write_table(run_dir.path("export", "index.parquet"), index)
     return index.num_rows
 

@@ -34,12 +34,10 @@ def outcome(fn) -> str:
 
 
 def main() -> None:
-    from model.data import decode_image as loader_decode
     from pipeline.config import DownloadSection
     from pipeline.download import download_shard
-    from pipeline.mllm import decode_image as captioner_decode
+    from pipeline.images import decode_image
     from pipeline.records import download_reason
-    from pipeline.regions import decode_image as regions_decode
     from workflows.serve import serve
 
     results = {}
@@ -51,9 +49,10 @@ def main() -> None:
         meta = pq.read_table(f"{tmp}/00001.parquet").to_pylist()
         results["download"] = ["; ".join(f"{download_reason(m['status'], m['error_message'])}: {m['error_message']}"
                                          for m in meta), peak_mb() - before]
-    for name, fn in [("captions", lambda b: captioner_decode(b, 768, LIMIT)),
-                     ("regions", lambda b: regions_decode(b, LIMIT, 1024, 16)),
-                     ("loader", lambda b: loader_decode(b, LIMIT))]:
+    # the one guard, called as each stage calls it (captions, regions, training loader / evaluation / report)
+    for name, fn in [("captions", lambda b: decode_image(b, LIMIT, max_side=768)),
+                     ("regions", lambda b: decode_image(b, LIMIT, 1024, 16)),
+                     ("loader", lambda b: decode_image(b, LIMIT))]:
         for label, bomb in (("quiet", QUIET_BOMB), ("bomb", BOMB)):
             before = peak_mb()
             results[f"{name}:{label}"] = [outcome(lambda: fn(bomb)), peak_mb() - before]

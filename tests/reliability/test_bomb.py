@@ -21,7 +21,7 @@ def test_bombs_are_refused_everywhere_with_flat_memory():
     # the download stage: longcap's header check refuses it before img2dataset (or PIL) decodes anything
     assert quiet.startswith("too_large: pixel limit: 12000x12000 = 144000000 pixels > 50000000")
     assert loud.startswith("too_large: pixel limit: Image size (900000000 pixels) exceeds limit")
-    named = ("pixel limit", "image too large", "over the pixel limit", "DecompressionBombError")
+    named = ("pixel limit",)
     for step, (outcome, _) in got.items():
         assert any(n in outcome for n in named), f"{step}: {outcome}"
     growth = {"download": round(download_mb, 1), **{step: round(mb, 1) for step, (_, mb) in got.items()}}
