@@ -22,10 +22,11 @@ non-empty groups), recall (over phrases) and F1.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,22 +35,29 @@ from torch import nn
 
 from .encoders import EOT, VOCAB, blocks, init_weights, param_count, run_blocks, set_grad_checkpointing
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class GroupingConfig:
     name: str
-    embed_dim: int = 256
+    embed_dim: int = 256  # the paper's 256-d projection (GroupViT's projection_dim)
     text_width: int = 512
     text_heads: int = 8
-    text_depth: int = 6  # blocks over tokens + group tokens before grouping
-    group_depth: int = 2  # blocks over the groups after grouping
-    groups: int = 8  # K
+    text_depth: int = 6  # blocks over tokens + group tokens before grouping (the paper: 6)
+    group_depth: int = 3  # blocks over the groups after grouping (the paper: 3)
+    groups: int = 4  # K (the paper: "tuned to 4")
+    recon_heads: int = 1  # heads of the one-layer reconstruction decoder (the paper: 1; 0: text_heads)
     tau: float = 1.0  # Gumbel-softmax temperature
     assign_scale: float = 10.0  # assignment logits = this x cosine(token, group query)
     max_chunk: int = 1  # sentences per training text (1: single sentences)
-    image: str = "groupvit"  # groupvit (trained jointly) | caft (a trained CAFT's segments, frozen)
-    image_size: int = 224  # groupvit input
-    patch_size: int = 16
+    # image side: groupvit-frozen (transformers' GroupViTModel, pre-trained, frozen: the paper's) | groupvit (our
+    # GroupViT-style encoder, trained jointly) | caft (a trained CAFT's segments, frozen)
+    image: str = "groupvit-frozen"
+    groupvit: str = ""  # groupvit-frozen: a local save_pretrained folder or a hub id ("": random init, tests only)
+    groupvit_vision: dict = field(default_factory=dict)  # groupvit-frozen, random init: GroupViTVisionConfig fields
+    image_size: int = 224
+    patch_size: int = 16  # groupvit (joint)
     image_width: int = 384
     image_heads: int = 6
     image_depth: int = 6
@@ -57,8 +65,11 @@ class GroupingConfig:
     image_groups: int = 8
     caft_checkpoint: str = ""  # image: caft
     caft_level: int = -1  # which pooled CAFT level (-1: the coarsest, e.g. 16 segments)
+    similarity: str = "pooled"  # pooled (InfoNCE on pooled text/image groups: the paper's) | groups (best match)
+    temperature: float = 0.07  # InfoNCE temperature, fixed (the paper: 0.07); 0: learned, starting at 0.07
     contrastive_weight: float = 1.0
-    recon_weight: float = 1.0
+    recon_weight: float = 1.0  # the paper's lambda = 1 (loss = contrastive + lambda x reconstruction; our reading)
+    grad_cache_chunk: int = 0  # > 0: GradCache, texts and images embedded this many at a time (model/grouping.py)
     notes: str = ""
 
 
@@ -68,12 +79,29 @@ def _rows(base: GroupingConfig) -> dict[str, GroupingConfig]:
     return {base.name: base, c.name: c, r.name: r}
 
 
-BASE = GroupingConfig("grouping-base", notes="contrastive + reconstruction, GroupViT-style image encoder")
-TINY = GroupingConfig("grouping-tiny", embed_dim=64, text_width=64, text_heads=2, text_depth=2, group_depth=1,
-                      groups=4, image_size=64, patch_size=8, image_width=64, image_heads=2, image_depth=2,
-                      image_group_depth=1, image_groups=8, notes="trains on CPU (tests, ablations)")
-CONFIGS = {**_rows(BASE), **_rows(TINY),
-           "grouping-tiny-caft": replace(TINY, name="grouping-tiny-caft", image="caft",
+# GroupViT-style vision side at CPU size for tests and the synthetic ablation (GroupViT's own shape at 224 px:
+# depths 6/3/3, 64 then 8 group tokens, width 384)
+GROUPVIT_TINY = {"image_size": 64, "patch_size": 8, "hidden_size": 64, "intermediate_size": 256,
+                 "num_attention_heads": 2, "depths": [2, 1, 1], "num_hidden_layers": 4,
+                 "num_group_tokens": [16, 8, 0], "num_output_groups": [16, 8, 8]}
+
+# the paper's setup: K = 4, 6 + 3 text layers, a one-layer 1-head decoder, InfoNCE at tau 0.07 on pooled groups,
+# lambda = 1, 256-d, a frozen pre-trained GroupViT; batch 4096 through GradCache on one GPU
+BASE = GroupingConfig("grouping-base", groupvit="nvidia/groupvit-gcc-yfcc", grad_cache_chunk=512,
+                      notes="the paper's setup: frozen pre-trained GroupViT, pooled InfoNCE, GradCache")
+TINY = GroupingConfig("grouping-tiny", text_width=64, text_heads=2, image_size=64, groupvit_vision=GROUPVIT_TINY,
+                      grad_cache_chunk=64, notes="the paper's setup at CPU width (64); set groupvit to a trained one")
+# today's variant: our GroupViT-style image encoder trained jointly, best-match group similarity, learned scale
+JOINT = dict(image="groupvit", similarity="groups", temperature=0.0, groups=8, group_depth=2, recon_heads=0,
+             grad_cache_chunk=0)
+BASE_JOINT = replace(BASE, name="grouping-base-joint", groupvit="", **JOINT,
+                     notes="image side: our GroupViT-style encoder trained jointly, best-match similarity")
+TINY_JOINT = replace(TINY, name="grouping-tiny-joint", embed_dim=64, text_depth=2, group_depth=1, groups=4,
+                     groupvit_vision={}, patch_size=8, image_width=64, image_heads=2, image_depth=2,
+                     image_group_depth=1, image_groups=8, **{k: v for k, v in JOINT.items() if k not in ("groups", "group_depth")},
+                     notes="image side trained jointly; trains on CPU (tests, ablations)")
+CONFIGS = {**_rows(BASE), **_rows(TINY), **_rows(BASE_JOINT), **_rows(TINY_JOINT),
+           "grouping-tiny-caft": replace(TINY_JOINT, name="grouping-tiny-caft", image="caft",
                                          notes="image side: a trained CAFT's segments, frozen (model_changes.caft_checkpoint)")}
 
 
@@ -170,7 +198,7 @@ class GroupText(nn.Module):
         g = run_blocks(self, self.after, out["groups"], src_key_padding_mask=~_some(out["present"]))
         hidden = self.norm(g)
         return {"groups": self.proj(hidden), "hidden": hidden, "assign": out["assign"], "present": out["present"],
-                "assignable": assignable}
+                "assignable": assignable, "real": real}
 
 
 class Reconstructor(nn.Module):
@@ -184,10 +212,11 @@ class Reconstructor(nn.Module):
                                                 batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
-        """Every group, empty ones too, is memory: the loss then reaches assignments to empty groups."""
-        q = self.query[:length].expand(hidden.shape[0], -1, -1)
-        return self.norm(self.layer(q, hidden))
+    def forward(self, hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """real [M,C]: the text's positions (SOT..EOT); the queries of the others are padding. Every group,
+        empty ones too, is memory: the loss then reaches assignments to empty groups."""
+        q = self.query[:real.shape[1]].expand(hidden.shape[0], -1, -1)
+        return self.norm(self.layer(q, hidden, tgt_key_padding_mask=~_some(real)))
 
 
 class GroupImage(nn.Module):
@@ -212,7 +241,8 @@ class GroupImage(nn.Module):
         h = run_blocks(self, self.blocks, torch.cat([x, self.group_tokens.expand(b, -1, -1)], 1))
         out = self.grouping(h[:, :p], h[:, p:], torch.ones(b, p, dtype=torch.bool, device=x.device))
         g = run_blocks(self, self.after, out["groups"], src_key_padding_mask=~_some(out["present"]))
-        return {"groups": self.proj(self.norm(g)), "present": _some(out["present"]), "assign": out["assign"]}
+        groups, present = self.proj(self.norm(g)), _some(out["present"])
+        return {"groups": groups, "present": present, "assign": out["assign"], "pooled": masked_mean(groups, present)}
 
 
 class CaftSegments(nn.Module):
@@ -240,7 +270,64 @@ class CaftSegments(nn.Module):
         with torch.no_grad():
             v = caft.encode_image(images)
             segs = caft.vision.proj(caft.vision.norm(v["levels"][self.level]))
-        return {"groups": self.proj(segs), "present": torch.ones(segs.shape[:2], dtype=torch.bool, device=images.device)}
+        groups = self.proj(segs)
+        return {"groups": groups, "present": torch.ones(segs.shape[:2], dtype=torch.bool, device=images.device),
+                "pooled": groups.mean(1)}
+
+
+_NO_TEXT = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 1}  # random init: GroupViT's text tower is dropped, so build a minimal one
+
+
+class FrozenGroupViT(nn.Module):
+    """The paper's image side: a pre-trained GroupViT (transformers' GroupViTModel, weights from a local
+    save_pretrained folder or a hub id; random init from GroupViTVisionConfig fields when none is named: tests),
+    frozen and always in eval mode (no Gumbel noise, BatchNorm statistics kept). Only its vision model and
+    visual projection are kept; they stay in this model's state_dict, so a checkpoint is self-contained.
+
+    Our reading of "pooled image groups" (the paper does not spell it out): the image groups are GroupViT's
+    final-stage segment tokens (vision last_hidden_state, 8 for GroupViT's released models, after its final
+    LayerNorm), each through GroupViT's own visual projection (256-d); the pooled image embedding is GroupViT's
+    own image embedding, `get_image_features` (the projection of the mean of those groups)."""
+
+    def __init__(self, cfg: GroupingConfig):
+        super().__init__()
+        from transformers import GroupViTConfig, GroupViTModel
+
+        if cfg.groupvit:
+            full = GroupViTModel.from_pretrained(cfg.groupvit)
+        else:
+            full = GroupViTModel(GroupViTConfig(vision_config=dict(cfg.groupvit_vision), text_config=_NO_TEXT,
+                                                projection_dim=cfg.embed_dim,
+                                                projection_intermediate_dim=4 * cfg.embed_dim))
+        vc = full.config.vision_config
+        if full.config.projection_dim != cfg.embed_dim:
+            raise ValueError(f"model {cfg.name}: GroupViT {cfg.groupvit!r} projects to {full.config.projection_dim}, "
+                             f"embed_dim is {cfg.embed_dim}")
+        if vc.image_size != cfg.image_size:
+            raise ValueError(f"model {cfg.name}: GroupViT {cfg.groupvit!r} takes {vc.image_size} px images, "
+                             f"image_size is {cfg.image_size}")
+        self.vision, self.projection = full.vision_model, full.visual_projection
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        with torch.no_grad():
+            out = self.vision(pixel_values=images)
+            h = out.last_hidden_state  # [B, groups, width]
+            groups = self.projection(h.flatten(0, 1)).view(h.shape[0], h.shape[1], -1)
+            pooled = self.projection(out.pooler_output)
+        return {"groups": groups, "present": torch.ones(groups.shape[:2], dtype=torch.bool, device=images.device),
+                "pooled": pooled}
+
+
+def masked_mean(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """[N,K,D], [N,K] -> [N,D]: the mean over the present rows (zeros where none is present)."""
+    w = present.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1)
 
 
 def group_similarity(text: torch.Tensor, text_present: torch.Tensor, image: torch.Tensor,
@@ -268,24 +355,85 @@ def group_contrastive(sim: torch.Tensor, owner: torch.Tensor, valid: torch.Tenso
     return (t2i + i2t) / 2
 
 
+def trim(tokens: torch.Tensor) -> torch.Tensor:
+    """Token rows [..., C] cut after the last EOT of any row: padding is masked everywhere (text blocks, grouping,
+    decoder queries), so the result is the same, at the cost of the longest text instead of C."""
+    last = int((tokens == EOT).int().argmax(-1).max().item()) if tokens.numel() else 0
+    return tokens[..., :last + 1]
+
+
+def cfg_chunk(cfg: GroupingConfig) -> int:
+    if cfg.grad_cache_chunk < 1:
+        raise ValueError(f"model {cfg.name}: grad_cache_chunk {cfg.grad_cache_chunk} is not a positive chunk size")
+    return cfg.grad_cache_chunk
+
+
+def rng_state(device: torch.device) -> tuple:
+    """The RNG state a chunk's embedding starts from (CPU, and the device's when it is CUDA)."""
+    dev = torch.device(device)
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+
+
+class replay_rng:
+    """Run a block from a saved RNG state, then put the current state back (GradCache's RandContext)."""
+
+    def __init__(self, state: tuple, device):
+        self.state, self.dev = state, torch.device(device)
+
+    def __enter__(self):
+        self.saved = rng_state(self.dev)
+        torch.set_rng_state(self.state[0])
+        if self.state[1] is not None:
+            torch.cuda.set_rng_state(self.state[1], self.dev)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.saved[0])
+        if self.saved[1] is not None:
+            torch.cuda.set_rng_state(self.saved[1], self.dev)
+        return False
+
+
+class _Replay(torch.autograd.Function):
+    """The GradCache loss as an autograd node over the model's parameters: its backward re-embeds chunk by chunk
+    (replay) and returns the parameters' gradients, scaled by the incoming gradient (e.g. 1 / accum)."""
+
+    @staticmethod
+    def forward(ctx, value, replay, *params):
+        ctx.replay = replay
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (None, None, *ctx.replay(g))
+
+
 class GroupingModel(nn.Module):
     kind = "grouping"
     find_unused_parameters = True
 
     def __init__(self, cfg: GroupingConfig):
         super().__init__()
-        if cfg.image not in ("groupvit", "caft"):
-            raise ValueError(f"model {cfg.name}: image {cfg.image!r} is not groupvit or caft")
+        if cfg.image not in ("groupvit-frozen", "groupvit", "caft"):
+            raise ValueError(f"model {cfg.name}: image {cfg.image!r} is not groupvit-frozen, groupvit or caft")
+        if cfg.similarity not in ("pooled", "groups"):
+            raise ValueError(f"model {cfg.name}: similarity {cfg.similarity!r} is not pooled or groups")
         self.cfg = cfg
         self.text = GroupText(cfg)
-        self.recon = Reconstructor(cfg.text_width, cfg.text_heads)
-        self.image = GroupImage(cfg) if cfg.image == "groupvit" else CaftSegments(cfg)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
-        init_weights(self)
+        self.recon = Reconstructor(cfg.text_width, cfg.recon_heads or cfg.text_heads)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)), requires_grad=not cfg.temperature)
+        if cfg.temperature:  # fixed
+            self.log_scale.data.fill_(math.log(1 / cfg.temperature))
+        if cfg.image == "groupvit":
+            self.image = GroupImage(cfg)
+        init_weights(self)  # before a pre-trained image side is attached
+        if cfg.image == "caft":
+            self.image = CaftSegments(cfg)
+        elif cfg.image == "groupvit-frozen":
+            self.image = FrozenGroupViT(cfg)
 
     @property
     def input_size(self) -> int | None:
-        return self.cfg.image_size if self.cfg.image == "groupvit" else None
+        return None if self.cfg.image == "caft" else self.cfg.image_size
 
     def data_options(self) -> dict:
         return {"mode": "grouping", "max_chunk": self.cfg.max_chunk}
@@ -298,6 +446,12 @@ class GroupingModel(nn.Module):
         return self.log_scale.clamp(max=math.log(100)).exp()
 
     def forward(self, images, tokens, valid, gather=None) -> dict:
+        tokens = trim(tokens)
+        if self.cfg.grad_cache_chunk and torch.is_grad_enabled():
+            if gather:
+                raise ValueError(f"model {self.cfg.name}: GradCache (grad_cache_chunk) runs in one process; "
+                                 "set grad_cache_chunk: 0 for several processes")
+            return self._grad_cached(images, tokens, valid)
         cfg = self.cfg
         b, n, c = tokens.shape
         flat, ok = tokens.reshape(b * n, c), valid.reshape(-1)
@@ -305,18 +459,120 @@ class GroupingModel(nn.Module):
         losses = {}
         if cfg.contrastive_weight > 0:
             v = self.image(images)
-            groups, present = v["groups"], v["present"]
             if gather:  # other ranks' images: more negatives for every text
-                groups, present = torch.cat([groups, gather(groups)]), torch.cat([present, gather(present)])
-            owner = torch.arange(b, device=tokens.device).repeat_interleave(n)
-            sim = group_similarity(t["groups"], t["present"], groups, present)
-            losses["contrastive"] = cfg.contrastive_weight * group_contrastive(sim, owner, ok, self.scale())
+                v = {k: torch.cat([v[k], gather(v[k])]) for k in ("groups", "present", "pooled")}
+            losses["contrastive"] = cfg.contrastive_weight * self.contrastive(t["groups"], t["present"], v, b, n, ok)
         if cfg.recon_weight > 0:
-            h = self.recon(t["hidden"], c)
-            where = t["assignable"] & ok[:, None]
-            logits = h[where] @ self.text.tok.weight.T
-            losses["recon"] = cfg.recon_weight * F.cross_entropy(logits, flat[where])
+            total, count = self.recon_sum(t, flat, ok)
+            losses["recon"] = cfg.recon_weight * total / count.clamp_min(1)
         losses["loss"] = sum(losses.values())
+        return losses
+
+    def contrastive(self, text: torch.Tensor, text_present: torch.Tensor, v: dict, b: int, n: int,
+                    ok: torch.Tensor) -> torch.Tensor:
+        """InfoNCE both ways between b images (v: groups, present, pooled; rows beyond b: other ranks') and their
+        b*n texts (groups [b*n,K,D], present [b*n,K]). similarity pooled: cosine of the pooled text (the mean of
+        its non-empty groups) and the pooled image; groups: the best-match group similarity."""
+        owner = torch.arange(b, device=text.device).repeat_interleave(n)
+        if self.cfg.similarity == "pooled":
+            sim = F.normalize(v["pooled"], dim=-1) @ F.normalize(masked_mean(text, text_present), dim=-1).T
+        else:
+            sim = group_similarity(text, text_present, v["groups"], v["present"])
+        return group_contrastive(sim, owner, ok, self.scale())
+
+    def recon_sum(self, t: dict, flat: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reconstruction cross-entropy summed over the word tokens of the valid texts, and their count."""
+        h = self.recon(t["hidden"], t["real"])
+        where = t["assignable"] & ok[:, None]
+        logits = h[where] @ self.text.tok.weight.T
+        return F.cross_entropy(logits, flat[where], reduction="sum"), where.sum()
+
+    def _grad_cached(self, images, tokens, valid) -> dict:
+        """GradCache (Gao et al. 2021): texts (and a trainable image side's images) are embedded grad_cache_chunk
+        at a time without a graph; the contrastive loss is computed on the cached embeddings and its gradient
+        with respect to them kept; the backward pass then re-embeds chunk by chunk (the same random draws: each
+        chunk's RNG state is saved) and backpropagates the cached gradient (+ that chunk's share of the
+        reconstruction loss, which is a sum over tokens). The loss and the gradients equal the full-batch ones;
+        memory holds one chunk's graph. The trainer's `loss.backward()` runs the replay (_Replay)."""
+        cfg, size = self.cfg, cfg_chunk(self.cfg)
+        kind = tokens.device.type  # the replay runs under the same autocast as this forward
+        amp = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        b, n, c = tokens.shape
+        flat, ok = tokens.reshape(b * n, c), valid.reshape(-1)
+        text_chunks = [(s, min(s + size, b * n)) for s in range(0, b * n, size)]
+        img_chunks = [(s, min(s + size, b)) for s in range(0, b, size)]
+        train_image = any(p.requires_grad for p in self.image.parameters())
+        states, cached, recon, count = {}, [], flat.new_zeros((), dtype=torch.float32), flat.new_zeros(())
+        with torch.no_grad():
+            for s, e in text_chunks:
+                states[("t", s)] = rng_state(flat.device)
+                t = self.text(flat[s:e])
+                cached.append((t["groups"], t["present"]))
+                if cfg.recon_weight > 0:
+                    r, k = self.recon_sum(t, flat[s:e], ok[s:e])
+                    recon, count = recon + r.float(), count + k
+            v = None
+            if cfg.contrastive_weight > 0:
+                parts = []
+                for s, e in img_chunks:
+                    states[("i", s)] = rng_state(flat.device)
+                    parts.append(self.image(images[s:e]))
+                v = {k: torch.cat([p[k] for p in parts]) for k in ("groups", "present", "pooled")}
+        losses, grads = {}, {}
+        tg = torch.cat([g for g, _ in cached]).requires_grad_(cfg.contrastive_weight > 0)
+        tp = torch.cat([p for _, p in cached])
+        if cfg.contrastive_weight > 0:
+            for k in ("groups", "pooled"):
+                v[k] = v[k].detach().requires_grad_(train_image)
+            with torch.enable_grad():
+                con = cfg.contrastive_weight * self.contrastive(tg, tp, v, b, n, ok)
+                wrt = [tg] + ([v["groups"], v["pooled"]] if train_image else []) + \
+                    ([self.log_scale] if self.log_scale.requires_grad else [])
+                got = torch.autograd.grad(con, wrt, allow_unused=True)
+            grads = dict(zip(["text"] + (["groups", "pooled"] if train_image else []) +
+                             (["log_scale"] if self.log_scale.requires_grad else []), got))
+            losses["contrastive"] = con.detach()
+        denom = count.clamp_min(1)
+        if cfg.recon_weight > 0:
+            losses["recon"] = cfg.recon_weight * recon / denom
+        value = sum(losses.values())
+        params = [p for p in self.parameters() if p.requires_grad]
+
+        def replay(g: torch.Tensor) -> tuple:
+            total = [None] * len(params)
+
+            def add(obj):
+                for i, x in enumerate(torch.autograd.grad(obj, params, allow_unused=True)):
+                    if x is not None:
+                        total[i] = x if total[i] is None else total[i] + x
+
+            for s, e in text_chunks:
+                with torch.enable_grad(), replay_rng(states[("t", s)], flat.device), \
+                        torch.autocast(kind, dtype=amp, enabled=amp is not None):
+                    t = self.text(flat[s:e])
+                    if not torch.equal(t["present"], tp[s:e]):  # e.g. a tie broken differently on a GPU
+                        log.warning("GradCache: text chunk %d:%d grouped differently when re-embedded", s, e)
+                    obj = t["groups"].new_zeros(())
+                    if "text" in grads and grads["text"] is not None:
+                        obj = obj + (t["groups"] * grads["text"][s:e]).sum()
+                    if cfg.recon_weight > 0:
+                        obj = obj + cfg.recon_weight * self.recon_sum(t, flat[s:e], ok[s:e])[0] / denom
+                    add(obj * g)
+            if train_image and v is not None:
+                for s, e in img_chunks:
+                    with torch.enable_grad(), replay_rng(states[("i", s)], flat.device), \
+                            torch.autocast(kind, dtype=amp, enabled=amp is not None):
+                        o = self.image(images[s:e])
+                        obj = sum((o[k] * grads[k][s:e]).sum() for k in ("groups", "pooled") if grads.get(k) is not None)
+                        if torch.is_tensor(obj):
+                            add(obj * g)
+            if grads.get("log_scale") is not None:
+                i = next(i for i, p in enumerate(params) if p is self.log_scale)
+                x = grads["log_scale"] * g
+                total[i] = x if total[i] is None else total[i] + x
+            return tuple(total)
+
+        losses["loss"] = _Replay.apply(value.detach(), replay, *params)
         return losses
 
     def set_grad_checkpointing(self, on: bool = True) -> None:
@@ -341,7 +597,7 @@ class GroupingModel(nn.Module):
         for s in range(0, len(texts), batch):
             enc = [word_tokens(t) for t in texts[s:s + batch]]
             tokens = pad_rows([ids for ids, _ in enc], 77)
-            assign = self.text(tokens.to(device))["assign"].argmax(-1).cpu()  # [M,77]
+            assign = self.text(trim(tokens).to(device))["assign"].argmax(-1).cpu()  # [M,77]
             for i, (ids, word_of) in enumerate(enc):
                 out.append(units(word_groups(assign[i, :len(ids)].tolist(), word_of)))
         return out
@@ -381,7 +637,7 @@ class GroupingModel(nn.Module):
         for batch in dataset(spec.urls, data):
             v = self.image(batch["image"].to(device))
             b, n, c = batch["tokens"].shape
-            t = self.text(batch["tokens"].view(b * n, c).to(device))
+            t = self.text(trim(batch["tokens"].view(b * n, c)).to(device))
             img.append(v["groups"])
             img_p.append(v["present"])
             txt.append(t["groups"].view(b, n, *t["groups"].shape[1:]))

@@ -385,6 +385,14 @@ class RegionsSection(Strict):
     goal_json: bool = Field(False, description="also write regions/<shard>.goal.json (GOAL's format)")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1'")
     num_gpus: float = Field(0, ge=0, description="GPUs per regions actor")
+    kinds_spacy_model: str = Field("blank:en", description="spaCy pipeline for sentence kinds ('blank:en': token rules; one with a parser: noun chunks)")
+    pair_object: Literal["best", "none"] = Field("best", description="object sentences: the best region")
+    pair_relation: Literal["union", "best", "none"] = Field("union", description="relation sentences: the union box of their two objects' best regions")
+    pair_scene: Literal["whole", "best", "none"] = Field("whole", description="scene/background sentences: the whole image")
+    pair_other: Literal["best", "none"] = Field("best", description="other sentences")
+    labels: Optional[bool] = Field(None, description="label-aware scores; None: on when the detector's class names are words")
+    label_weight: float = Field(0.5, ge=0, description="added to a region's score when its class names the sentence's main object (half for its other objects)")
+    synonyms: dict[str, list[str]] = Field(default_factory=dict, description="more words per detector class (extends the built-in list)")
 
     @model_validator(mode="after")
     def _areas(self):

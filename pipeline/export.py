@@ -163,7 +163,7 @@ def regions_by_key(regions: pa.Table | None) -> dict:
         if r["regions"] is None:
             continue
         pairs = [{"captioner": m["captioner"], "prompt_id": m["prompt_id"], "sentence_index": m["sentence_index"],
-                  "sentence": m["sentence"], "region": m["region"], "score": m["score"]}
+                  "sentence": m["sentence"], "kind": m.get("kind"), "region": m["region"], "score": m["score"]}
                  for m in r["matches"] or [] if m["kept"]]
         out[r["key"]] = {"boxes": r["regions"], "pairs": pairs}
     return out

@@ -29,3 +29,29 @@ def select_pairs(scores: np.ndarray, threshold: float, margin: float, top_k: int
         out.append({"region": int(ranked[0]), "score": best, "margin": gap, "kept": bool(kept),
                     "top_regions": [int(i) for i in top], "top_scores": [float(scores[i, j]) for i in top]})
     return out
+
+
+def union_box(a: list[float], b: list[float]) -> list[float]:
+    """The smallest box holding both (normalised xyxy)."""
+    return [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+
+
+def select_two(first: np.ndarray, second: np.ndarray, threshold: float, margin: float) -> dict:
+    """A relation's two objects: regions i != j maximising (first[i] + second[j]) / 2, each phrase's own scores.
+
+    The pair is kept when that mean is >= threshold and beats the next-best (i, j) by more than margin.
+    Returns {'regions': (i, j) or None, 'score', 'margin', 'kept', 'scores': (first[i], second[j])}.
+    """
+    first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    n = len(first)
+    if n < 2:
+        return {"regions": None, "score": None, "margin": None, "kept": False, "scores": ()}
+    total = (first[:, None] + second[None, :]) / 2
+    np.fill_diagonal(total, -np.inf)
+    flat = np.argsort(-total, axis=None, kind="stable")
+    i, j = divmod(int(flat[0]), n)
+    best = float(total[i, j])
+    gap = best - float(total.flat[flat[1]])  # n >= 2: at least two (i, j) with i != j
+    kept = best >= threshold and gap > margin
+    return {"regions": (i, j), "score": best, "margin": gap, "kept": bool(kept),
+            "scores": (float(first[i]), float(second[j]))}

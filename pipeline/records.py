@@ -82,6 +82,7 @@ MATCH = pa.struct([  # one per sentence: its best region, whether the pair is ke
     pa.field("prompt_id", pa.string()),
     pa.field("sentence_index", pa.int32()),
     pa.field("sentence", pa.string()),
+    pa.field("kind", pa.string()),  # object, relation, scene, other (pipeline/kinds.py)
     pa.field("region", pa.int32()),  # index into regions
     pa.field("score", pa.float32()),
     pa.field("margin", pa.float32()),  # best - runner-up (null with one region)

@@ -19,7 +19,8 @@ from PIL import Image
 from .division import build_regions
 from .export import image_members
 from .images import MAX_PIXELS, decode_image
-from .matching import select_pairs
+from .kinds import RELATION, KindClassifier, is_word
+from .matching import select_pairs, select_two, union_box
 from .records import FAILED, OK, REGIONS, SKIPPED, download_reason, empty_row, table
 
 CHUNK = 64  # images decoded, detected and scored together
@@ -57,6 +58,8 @@ class RegionPairer:
         self.cfg, self.scorer, self.detector, self.max_pixels = cfg, scorer, detector, max_pixels
         self.text_cache: dict[str, np.ndarray] = {}
         self.fixed = None
+        self.classes = [str(n) for n in dict(getattr(detector, "names", None) or {}).values()]
+        self.kinds = KindClassifier(cfg.kinds_spacy_model, self.classes, cfg.synonyms)
 
     def pair_shard(self, images_meta: pa.Table, images_tar: str, sentences: pa.Table,
                    fixed: dict | None = None) -> pa.Table:
@@ -103,7 +106,8 @@ class RegionPairer:
         keys = list(images)
         regions = {}
         if self.fixed is not None:
-            keys, regions = [], {k: self.fixed[k] for k in images if self.fixed.get(k)}
+            keys, regions = [], {k: [r for r in self.fixed[k] if not r["source"].startswith("union:")]
+                                 for k in images if self.fixed.get(k)}
             for k in set(images) - set(regions):
                 rows[k].update(status=SKIPPED, error="no regions from the regions stage")
         dets = self.detector.detect([images[k] for k in keys]) if self.detector and keys else [[] for _ in keys]
@@ -116,6 +120,7 @@ class RegionPairer:
         crops = [crop(images[k], r["box"]) for k in regions for r in regions[k]]
         emb = self.scorer.encode_images(crops) if crops else np.zeros((0, 0), np.float32)
         texts = {s for k in regions for c in usable.get(k, []) for s in c["sentences"]}
+        texts |= {p.text for k in self.kinds.classify(sorted(texts)) if k.kind == RELATION for p in k.phrases}
         self._encode_texts(sorted(texts - set(self.text_cache)))
         at = 0
         for key, regs in regions.items():
@@ -127,7 +132,14 @@ class RegionPairer:
             self.text_cache.update(zip(texts, self.scorer.encode_texts(texts)))
 
     def _fill(self, row: dict, regs: list[dict], region_emb: np.ndarray, captions: list, why: list) -> None:
-        row.update(regions=regs, n_regions=len(regs))
+        regs = list(regs)  # relation and scene pairs may append union / whole-image regions
+        classes = [r["source"][4:] if r["source"].startswith("det:") else None for r in regs]
+        for name in {c for c in classes if c and c not in self.classes}:  # rescoring fixed regions
+            self.classes.append(name)
+            self.kinds.add_label(name, self.cfg.synonyms.get(name, []))
+        on = self.cfg.labels if self.cfg.labels is not None else bool(self.classes) and all(
+            is_word(c) for c in self.classes)
+        weight = self.cfg.label_weight if on else 0.0
         matches = []
         for c in captions:
             sents = c["sentences"]
@@ -135,15 +147,54 @@ class RegionPairer:
                 scores = region_emb @ np.stack([self.text_cache[s] for s in sents]).T
             else:
                 scores = np.zeros((0, len(sents)))
-            for i, (s, m) in enumerate(zip(sents, select_pairs(scores, self.cfg.threshold, self.cfg.margin,
-                                                               self.cfg.top_k))):
+            for i, (s, kind) in enumerate(zip(sents, self.kinds.classify(sents))):
+                label = np.array([weight * self.kinds.agreement(kind, k) if k and weight else 0.0 for k in classes])
+                m = self._pair(kind, scores[:, i] + label, regs, region_emb, classes, weight)
                 matches.append({"captioner": c["captioner"], "prompt_id": c["prompt_id"], "sentence_index": i,
-                                "sentence": s, **m})
+                                "sentence": s, "kind": kind.kind, **m})
+        row.update(regions=regs, n_regions=len(regs))
         row.update(matches=matches, n_sentences=len(matches), n_pairs=sum(m["kept"] for m in matches))
         if matches:
             row.update(status=OK)
         else:
             row.update(status=SKIPPED, error="no sentences" + (f": {'; '.join(why)}" if why else ""))
+
+    def _pair(self, kind, column: np.ndarray, regs: list[dict], region_emb: np.ndarray, classes: list,
+              weight: float) -> dict:
+        """One sentence's match by its kind's rule (regions.pair_<kind>); may append a region to regs."""
+        cfg, n = self.cfg, len(column)
+        mode = {"object": cfg.pair_object, "relation": cfg.pair_relation, "scene": cfg.pair_scene,
+                "other": cfg.pair_other}[kind.kind]
+        best = select_pairs(column[:, None], cfg.threshold, cfg.margin, cfg.top_k)[0]
+        if mode == "none":
+            return {**best, "kept": False}
+        if mode == "whole":  # the whole image, whatever the scores
+            at = next((k for k, r in enumerate(regs) if list(r["box"]) == [0.0, 0.0, 1.0, 1.0]), None)
+            if at is None:
+                at = _append(regs, [0.0, 0.0, 1.0, 1.0], "grid:whole:0")
+            score = float(column[at]) if at < n else None
+            return {"region": at, "score": score, "margin": None, "kept": True, "top_regions": [at],
+                    "top_scores": [score] if score is not None else []}
+        if mode == "union" and len(kind.phrases) >= 2 and n >= 2:
+            (a, b), phrase_scores = kind.pair, []
+            for p in (kind.phrases[a], kind.phrases[b]):
+                label = [weight * self.kinds.names(p, k) if k else 0.0 for k in classes]
+                phrase_scores.append(region_emb @ self.text_cache[p.text] + np.array(label))
+            two = select_two(*phrase_scores, cfg.threshold, cfg.margin)
+            i, j = two["regions"]
+            at = _append(regs, union_box(regs[i]["box"], regs[j]["box"]), f"union:{i}+{j}")
+            return {"region": at, "score": two["score"], "margin": two["margin"], "kept": two["kept"],
+                    "top_regions": [i, j], "top_scores": list(two["scores"])}
+        return best
+
+
+def _append(regs: list[dict], box: list[float], source: str) -> int:
+    """Index of the region with this source, appended first when new (no detector score)."""
+    for k, r in enumerate(regs):
+        if r["source"] == source:
+            return k
+    regs.append({"box": [float(v) for v in box], "source": source, "score": None})
+    return len(regs) - 1
 
 
 def goal_records(regions: pa.Table, sentences: pa.Table) -> list[dict]:
@@ -154,7 +205,8 @@ def goal_records(regions: pa.Table, sentences: pa.Table) -> list[dict]:
         if r["status"] != OK:
             continue
         for c in usable.get(r["key"], []):
-            segs = [{"caption": m["sentence"], "similarity_score": round(m["score"], 6),
+            segs = [{"caption": m["sentence"],
+                     "similarity_score": round(m["score"], 6) if m["score"] is not None else None,
                      "bbox_coordinates": _pixels(r["regions"][m["region"]]["box"], r["width"], r["height"])}
                     for m in r["matches"]
                     if m["kept"] and m["captioner"] == c["captioner"] and m["prompt_id"] == c["prompt_id"]]

@@ -189,6 +189,11 @@ def test_grouping_trains_end_to_end_from_a_config_in_a_run(world, tmp_path, caps
     assert ph["baselines"]["word_per_group"]["tiou"] > 0 and ev["retrieval"]["n"] == 3
     model = load_model(out)
     assert isinstance(model, GroupingModel) and model.trained_steps == 3
+    torch.manual_seed(cfg["seed"])  # the trainer's initial weights
+    init = build("grouping-tiny").state_dict()
+    trained = model.state_dict()
+    assert all(torch.equal(init[k], trained[k]) for k in init if k.startswith("image."))  # GroupViT frozen
+    assert not torch.equal(init["text.group_tokens"], trained["text.group_tokens"])
     assert model.phrase_eval(synthetic_phrases(str(run / "synth" / "truth.parquet"), {"split": "test"})) == ph
     # longcap eval: the same phrase measures from the checkpoint; benchmark readers are for other model kinds
     capsys.readouterr()
@@ -221,3 +226,129 @@ def test_grouping_on_a_frozen_caft_segments(world, tmp_path):
     save_model(model, tmp_path / "g.safetensors")
     again = load_model(tmp_path / "g.safetensors")
     assert torch.equal(again.image.proj.weight, model.image.proj.weight)
+
+
+# ---------------------------------------------------------------- the paper's setup (issue 17, item 8)
+
+
+def _batch(seed=0, b=6, n=2):
+    from model.localdata import tokenize_words
+
+    texts = ["a red circle next to a blue square .", "the green triangle , marked with the digit 4 .",
+             "two small stars above a purple hexagon .", "a large yellow star ."]
+    g = torch.Generator().manual_seed(seed)
+    rows = [texts[i] for i in torch.randint(len(texts), (b * n,), generator=g).tolist()]
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[-1, -1] = False  # a padded sentence slot
+    return torch.randn(b, 3, 64, 64, generator=g), tokenize_words(rows).view(b, n, -1), valid
+
+
+@pytest.mark.slow  # builds grouping-base at full size (a 512-wide text side, GroupViT's 224 px vision side)
+def test_paper_setup_numbers_on_the_built_models_and_configs():
+    from pathlib import Path
+
+    from model.grouping import CONFIGS, FrozenGroupViT
+    from pipeline.config import TrainSection
+
+    assert CONFIGS["grouping-base"].groupvit == "nvidia/groupvit-gcc-yfcc"  # pre-trained, never fetched in tests
+    for name, changes in (("grouping-base", {"groupvit": ""}), ("grouping-tiny", {})):
+        m = build(name, **changes)
+        t = m.text
+        assert t.group_tokens.shape[0] == 4 and len(t.blocks) == 6 and len(t.after) == 3  # K = 4, 6 -> group -> 3
+        layer = m.recon.layer  # a one-layer decoder with one head
+        assert isinstance(layer, torch.nn.TransformerDecoderLayer)
+        assert layer.self_attn.num_heads == 1 and layer.multihead_attn.num_heads == 1
+        assert t.proj.out_features == 256 and isinstance(m.image, FrozenGroupViT)
+        assert not m.log_scale.requires_grad and m.scale().item() == pytest.approx(1 / 0.07)  # tau = 0.07, fixed
+        assert (m.cfg.contrastive_weight, m.cfg.recon_weight, m.cfg.similarity) == (1.0, 1.0, "pooled")  # lambda = 1
+        assert m.cfg.grad_cache_chunk > 0
+        assert not any(p.requires_grad for p in m.image.parameters())
+        with torch.no_grad():
+            v = m.image(torch.randn(2, 3, m.cfg.image_size, m.cfg.image_size))
+        assert v["groups"].shape == (2, 8, 256) and v["pooled"].shape == (2, 256)  # GroupViT's 8 final groups, 256-d
+    joint = build("grouping-tiny-joint")  # today's variant: image side trained jointly, best-match, learned scale
+    assert all(p.requires_grad for p in joint.image.parameters()) and joint.log_scale.requires_grad
+    assert (joint.cfg.similarity, joint.cfg.grad_cache_chunk) == ("groups", 0)
+    # the shipped configs name the paper's setup (the base one a 4096 batch through GradCache on one process)
+    root = Path(__file__).resolve().parents[1] / "configs" / "train"
+    base = TrainSection(**yaml.safe_load((root / "grouping-base-flickr30k.yaml").read_text()))
+    assert base.model == "grouping-base" and base.batch_size == 4096 and base.processes == 1 and base.accum == 1
+    assert base.batch_size * base.n_sub % CONFIGS["grouping-base"].grad_cache_chunk == 0
+    tiny = TrainSection(**yaml.safe_load((root / "grouping-tiny-synthetic.yaml").read_text()))
+    assert tiny.model == "grouping-tiny" and tiny.image_size == build("grouping-tiny").input_size
+
+
+def _grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["grouping-tiny", "grouping-tiny-joint"])
+@pytest.mark.parametrize("train", [False, True])
+def test_grad_cache_gives_the_full_batch_loss_and_gradients(name, train):
+    torch.manual_seed(0)
+    plain = build(name, grad_cache_chunk=0).train(train)
+    cached = build(name, grad_cache_chunk=5).train(train)  # 12 texts in chunks of 5, 6 images in chunks of 5
+    cached.load_state_dict(plain.state_dict())
+    images, tokens, valid = _batch()
+    torch.manual_seed(1)  # train: the same Gumbel draws (the chunks draw in order from the same state)
+    ref = plain(images, tokens, valid)
+    ref["loss"].backward()
+    torch.manual_seed(1)
+    out = cached(images, tokens, valid)
+    (out["loss"] * 0.5).backward()  # the incoming gradient scales the replay (e.g. 1 / accum)
+    assert out["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5)
+    assert out["contrastive"].item() == pytest.approx(ref["contrastive"].item(), rel=1e-5)
+    assert out["recon"].item() == pytest.approx(ref["recon"].item(), rel=1e-5)
+    g0, g1 = _grads(plain), _grads(cached)
+    assert g0.keys() == g1.keys() and len(g0) > 50
+    top = max(g.abs().max().item() for g in g0.values())
+    for k in g0:
+        assert torch.allclose(2 * g1[k], g0[k], rtol=1e-3, atol=1e-5 * top), k
+    if name == "grouping-tiny-joint":  # a trainable image side and a learned scale get their gradients too
+        assert "image.patch.weight" in g1 and "log_scale" in g1
+    else:
+        assert not any(k.startswith("image.") for k in g1)
+
+
+def test_grad_cache_refuses_other_ranks_negatives():
+    model = build("grouping-tiny")
+    with pytest.raises(ValueError, match="GradCache .* one process"):
+        model(*_batch(), gather=lambda x: x)
+
+
+def test_frozen_groupvit_is_unchanged_by_a_training_step():
+    from model.train import param_groups
+
+    torch.manual_seed(0)
+    model = build("grouping-tiny").train()
+    assert not model.image.training  # GroupViT stays in eval mode: no Gumbel noise, BatchNorm statistics kept
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(param_groups(model, 0.5), lr=1e-2)  # weight decay would move any parameter it holds
+    model(*_batch())["loss"].backward()
+    assert all(p.grad is None for p in model.image.parameters())
+    opt.step()
+    after = model.state_dict()
+    image = [k for k in before if k.startswith("image.")]
+    assert image and all(torch.equal(before[k], after[k]) for k in image)  # weights and BatchNorm buffers
+    assert not torch.equal(before["text.group_tokens"], after["text.group_tokens"])
+
+
+def test_groupvit_weights_come_from_a_local_pretrained_folder(tmp_path):
+    from transformers import GroupViTConfig, GroupViTModel
+
+    from model.grouping import GROUPVIT_TINY
+
+    torch.manual_seed(3)
+    text = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1}
+    src = GroupViTModel(GroupViTConfig(vision_config=GROUPVIT_TINY, text_config=text, projection_dim=256))
+    src.save_pretrained(tmp_path / "gv")
+    model = build("grouping-tiny", groupvit=str(tmp_path / "gv"))
+    assert torch.equal(model.image.vision.embeddings.patch_embeddings.projection.weight,
+                       src.vision_model.embeddings.patch_embeddings.projection.weight)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.allclose(model.image(x)["pooled"], src.eval().get_image_features(pixel_values=x).pooler_output)
+    with pytest.raises(ValueError, match="takes 64 px images, image_size is 96"):
+        build("grouping-tiny", groupvit=str(tmp_path / "gv"), image_size=96)
+    with pytest.raises(ValueError, match="projects to 256, embed_dim is 64"):
+        build("grouping-tiny", groupvit=str(tmp_path / "gv"), embed_dim=64)

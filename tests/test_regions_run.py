@@ -64,7 +64,7 @@ def test_every_key_has_regions_or_a_reason(run_dir, capsys):
             for g in r["regions"]:
                 x0, y0, x1, y1 = g["box"]
                 assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
-                assert (g["score"] is None) == g["source"].startswith("grid:")
+                assert (g["score"] is None) == (not g["source"].startswith("det:"))  # grid and union regions
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["regions"]["summary"]["samples_ok"] == 9
     assert (run_dir / "models" / "detector" / "weights.pt").exists()
@@ -105,6 +105,14 @@ def test_eval_pairs_and_resume(run_dir, capsys):
     assert rep["all"]["pairs"] == sum(r["n_pairs"] or 0 for r in rows(run_dir, "regions"))
     bg = rep["pairs"]["background"]
     assert bg["sentences"] == 9 and bg["coverage"] == 1.0  # the whole-image region is the background's box
+    assert rep["kinds"]["background"] == {"scene": 9}  # classified as scene sentences: paired with the whole image
+    assert (bg["pairs"], bg["precision"]) == (9, 1.0)
+    assert set(rep["kinds"]["relation"]) == {"relation"} and set(rep["kinds"]["object"]) == {"object"}
+    assert main(["eval-pairs", str(run_dir), "--json", "--ablations"]) == 0
+    abl = json.loads(capsys.readouterr().out)["ablations"]
+    before = abl["best region for every kind, labels off (before issue 20)"]
+    assert before["pairs"]["object"]["sentences"] == obj["sentences"]
+    assert before["pairs"]["background"]["precision"] is not None and before["pairs"]["background"]["pairs"] <= 9
     assert (run_dir / "report" / "eval_pairs.json").exists()
     # a second start skips every shard and reuses the trained detector
     before = {f: open(f, "rb").read() for f in glob.glob(str(run_dir / "regions" / "*"))}

@@ -153,7 +153,7 @@ def cmd_import(args) -> int:
 def cmd_eval_pairs(args) -> int:
     from .evalpairs import evaluate, format_report
 
-    rep = evaluate(args.run, args.min_iou)
+    rep = evaluate(args.run, args.min_iou, args.ablations)
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
     return 0
 
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--min-iou", type=float, default=0.5, help="IoU with the truth box for a pair to be right")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--ablations", action="store_true",
+                   help="also rescore the run's regions with label-aware scores off, and with the best region for "
+                        "every kind (the rule before sentence kinds)")
     e.set_defaults(fn=cmd_eval_pairs)
 
     from . import evalcmd, model_cli, report

@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 from torchvision.ops import box_iou
 
-from pipeline.download import read_images_meta
+from pipeline.download import read_images_meta, shard_name
 from pipeline.storage import atomic_write_json, exists, read_table
 from .rundir import RunDir
 
@@ -36,28 +36,60 @@ def pair_metrics(items: list[dict], min_iou: float = 0.5) -> dict:
             "coverage": round(covered / n, 4) if n else None}
 
 
-def collect_items(run: RunDir, shards: list[int], stage: str = "regions") -> tuple[dict, int]:
-    """Per sentence kind, the evaluation items of every regions row whose image has synthetic truth."""
+def collect_items(run: RunDir, shards: list[int], stage: str = "regions", rescore=None) -> tuple[dict, int, dict]:
+    """Per sentence kind, the evaluation items of every regions row whose image has synthetic truth; the
+    sentences not found in the truth; the kind classifier's counts (truth kind -> predicted kind).
+
+    rescore: a RegionPairer that re-pairs the stage's regions in memory (an ablation) instead of reading them."""
     truth = {r["id"]: {s["text"]: s for s in r["sentences"]}
              for r in read_table(run.synth("truth.parquet"), ["id", "sentences"]).to_pylist()}
-    items, unmatched = defaultdict(list), 0
+    items, unmatched, kinds = defaultdict(list), 0, defaultdict(lambda: defaultdict(int))
     for shard in shards:
         if not run.is_done(stage, shard):
             continue
-        ids = {r["key"]: r["id"] for r in read_images_meta(run.images(), shard, ["key", "id"]).to_pylist()}
-        for r in read_table(run.output(stage, shard), ["key", "regions", "matches"]).to_pylist():
+        meta = read_images_meta(run.images(), shard)
+        ids = {r["key"]: r["id"] for r in meta.select(["key", "id"]).to_pylist()}
+        table = read_table(run.output(stage, shard), ["key", "regions", "matches"])
+        if rescore is not None:
+            fixed = {r["key"]: r["regions"] for r in table.select(["key", "regions"]).to_pylist() if r["regions"]}
+            table = rescore.pair_shard(meta, run.images(f"{shard_name(shard)}.tar"),
+                                       read_table(run.output("sentences", shard)), fixed=fixed)
+        for r in table.select(["key", "regions", "matches"]).to_pylist():
             sents = truth.get(ids.get(r["key"]))
             if sents is None or not r["matches"]:
                 continue
             boxes = [g["box"] for g in r["regions"]]
+            candidates = [g["box"] for g in r["regions"] if not g["source"].startswith("union:")]
             for m in r["matches"]:
                 t = sents.get(m["sentence"])
                 if t is None:
                     unmatched += 1
                     continue
+                kinds[t["kind"]][m.get("kind") or "-"] += 1
                 pred = boxes[m["region"]] if m["kept"] else None
-                items[t["kind"]].append({"truth": list(t["box"]), "pred": pred, "regions": boxes})
-    return items, unmatched
+                items[t["kind"]].append({"truth": list(t["box"]), "pred": pred, "regions": candidates})
+    return items, unmatched, {k: dict(v) for k, v in kinds.items()}
+
+
+ABLATIONS = {  # rescoring the run's own regions with one rule changed (same scorer, same regions)
+    "labels off": {"labels": False},
+    "best region for every kind, labels off (before issue 20)": {"labels": False, "pair_relation": "best",
+                                                                 "pair_scene": "best"},
+}
+
+
+def ablations(run: RunDir, cfg, shards: list[int], min_iou: float) -> dict:
+    from pipeline.regions import RegionPairer
+    from pipeline.scorers import build_scorer, resolve_device
+
+    scorer = build_scorer(cfg.regions.scorer, resolve_device(cfg.regions.device), cfg.run.seed)
+    out = {}
+    for name, change in ABLATIONS.items():
+        pairer = RegionPairer(cfg.regions.model_copy(update=change), scorer, None, cfg.download.max_image_area)
+        items, _, _ = collect_items(run, shards, rescore=pairer)
+        out[name] = {"change": change, "pairs": {k: pair_metrics(items.get(k, []), min_iou) for k in KINDS},
+                     "all": pair_metrics([i for k in KINDS for i in items.get(k, [])], min_iou)}
+    return out
 
 
 def detector_map50(run: RunDir, cfg) -> dict:
@@ -75,7 +107,7 @@ def detector_map50(run: RunDir, cfg) -> dict:
     return {"map50": detection_map50(detector_weights(cfg, run), data, imgsz), "data": data}
 
 
-def evaluate(run_dir: str, min_iou: float = 0.5) -> dict:
+def evaluate(run_dir: str, min_iou: float = 0.5, with_ablations: bool = False) -> dict:
     from pipeline.config import load_config
 
     run = RunDir(run_dir)
@@ -85,17 +117,20 @@ def evaluate(run_dir: str, min_iou: float = 0.5) -> dict:
     if cfg.input.synthetic is None:
         raise FileNotFoundError(f"{run_dir}: eval-pairs needs a synthetic run (truth comes from synth/truth.parquet)")
     shards = run.plan(cfg)
-    items, unmatched = collect_items(run, shards)
+    items, unmatched, kinds = collect_items(run, shards)
     report = {"run": run.root, "min_iou": min_iou,
               "shards_with_regions": sum(run.is_done("regions", s) for s in shards),
               "detector": detector_map50(run, cfg),
               "pairs": {k: pair_metrics(items.get(k, []), min_iou) for k in KINDS},
               "all": pair_metrics([i for k in KINDS for i in items.get(k, [])], min_iou),
-              "sentences_without_truth": unmatched}
+              "sentences_without_truth": unmatched,
+              "kinds": kinds}
     if any(run.is_done("regions_caft", s) for s in shards):  # the same regions rescored by the trained CAFT
-        caft, _ = collect_items(run, shards, "regions_caft")
+        caft, _, _ = collect_items(run, shards, "regions_caft")
         report["caft"] = {"pairs": {k: pair_metrics(caft.get(k, []), min_iou) for k in KINDS},
                           "all": pair_metrics([i for k in KINDS for i in caft.get(k, [])], min_iou)}
+    if with_ablations:
+        report["ablations"] = ablations(run, cfg, shards, min_iou)
     atomic_write_json(run.path("report", "eval_pairs.json"), report)
     return report
 
@@ -110,12 +145,17 @@ def format_report(rep: dict) -> str:
     fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
     tables = [("scorer of the regions stage", rep)] + ([("the trained CAFT (regions-caft/)", rep["caft"])]
                                                       if rep.get("caft") else [])
+    tables += [(f"ablation: {name}", t) for name, t in (rep.get("ablations") or {}).items()]
     for title, t in tables:
         if len(tables) > 1:
             lines.append(f"    {title}:")
         for name, m in list(t["pairs"].items()) + [("all", t["all"])]:
             lines.append(f"      {name:<12}{m['sentences']:>6}{m['pairs']:>7}{m['right']:>7}{fmt(m['precision']):>11}"
                          f"{fmt(m['recall']):>8}{fmt(m['coverage']):>10}")
+    if rep.get("kinds"):
+        lines.append("  sentence kinds (truth -> classified): " + "; ".join(
+            f"{t}: " + ", ".join(f"{k} {n}" for k, n in sorted(c.items(), key=lambda x: -x[1]))
+            for t, c in rep["kinds"].items()))
     if rep["sentences_without_truth"]:
         lines.append(f"  {rep['sentences_without_truth']} sentence(s) not found in the truth (split differently)")
     return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Sentence kinds and the pairs per kind: relation -> union box, scene -> whole image, label-aware scores."""
+
+import numpy as np
+import pytest
+
+from pipeline.kinds import KindClassifier, is_word, rule_lemma
+from pipeline.matching import select_two, union_box
+from pipeline.regions import RegionPairer
+from tests.test_regions import ColourScorer, encode, regions_cfg, shard_inputs, two_colour_image
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def kinds():
+    return KindClassifier("blank:en", ["circle", "square", "hexagon", "person", "bicycle", "dog"])
+
+
+@pytest.mark.parametrize("text, kind, pair", [
+    ("A man in a red jacket stands to the left of a parked bicycle.", "relation", ("A man", "a parked bicycle")),
+    ("The purple hexagon is to the right of the yellow hexagon.", "relation",
+     ("The purple hexagon", "the yellow hexagon")),
+    ("The red circle is above the blue squares.", "relation", ("The red circle", "the blue squares")),
+    ("Two dogs play next to a tree.", "relation", ("Two dogs", "a tree")),
+    ("The background is beige.", "scene", None),
+    ("The sky is clear and blue.", "scene", None),
+    ("In the top left there is a small red striped circle, marked with the digit 3.", "object", None),
+    ("A large blue dotted square, marked with the digit 7, sits in the bottom right.", "object", None),
+    ("A woman holding an umbrella waits at the bus stop.", "object", None),
+    ("It looks very nice.", "other", None),
+])
+def test_kinds_of_hand_written_sentences(kinds, text, kind, pair):
+    k = kinds.classify([text])[0]
+    assert k.kind == kind
+    if pair:
+        assert (k.phrases[k.pair[0]].text, k.phrases[k.pair[1]].text) == pair
+
+
+def test_heads_lemmas_and_label_agreement(kinds):
+    obj = kinds.classify(["In the top left there is a small red striped circle, marked with the digit 3."])[0]
+    assert obj.heads[0] == "circle"  # the place phrase ("the top left") is not an object
+    assert kinds.agreement(obj, "circle") == 1.0 and kinds.agreement(obj, "square") == 0.0
+    rel = kinds.classify(["A man in a red jacket stands to the left of a parked bicycle."])[0]
+    assert kinds.agreement(rel, "person") == 1.0  # man -> person (built-in synonym)
+    assert kinds.agreement(rel, "bicycle") == 0.5  # named, but not the main object
+    extra = KindClassifier("blank:en", ["circle"], {"circle": ["disc"]}).classify(["A green disc."])[0]
+    assert extra.heads == ["disc"] and KindClassifier("blank:en", ["circle"], {"circle": ["disc"]}).agreement(
+        extra, "circle") == 1.0
+    assert [rule_lemma(w) for w in ("squares", "boxes", "ponies", "men", "glass", "bus")] == [
+        "square", "box", "pony", "man", "glass", "bus"]
+    assert is_word("traffic light") and not is_word("0") and not is_word("cls_3")
+
+
+def test_select_two_and_union_box():
+    two = select_two(np.array([0.9, 0.8, 0.1]), np.array([0.9, 0.2, 0.7]), threshold=0.5, margin=0.01)
+    assert two["regions"] == (1, 0) and two["score"] == pytest.approx(0.85)  # i != j: not (0, 0)
+    assert two["margin"] == pytest.approx(0.85 - 0.8) and two["kept"]
+    assert union_box([0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.6, 0.3]) == [0.1, 0.1, 0.6, 0.4]
+    assert select_two(np.array([0.9]), np.array([0.9]), 0, 0)["regions"] is None
+
+
+class FakeDetector:
+    """Fixed boxes per image (the stage's detector interface: names, detect)."""
+
+    def __init__(self, dets, names=("circle", "square")):
+        self.dets, self.names = dets, dict(enumerate(names))
+
+    def detect(self, images):
+        return [[dict(d) for d in self.dets] for _ in images]
+
+
+def det(box, cls, score=0.9):
+    return {"box": box, "source": f"det:{cls}", "score": score}
+
+
+def pair_one(tmp_path, sentences, dets, **cfg):
+    meta, tar, st = shard_inputs(tmp_path, {"000": encode(two_colour_image(), quality=95)}, {"000": sentences})
+    out = RegionPairer(regions_cfg(**cfg), ColourScorer(), FakeDetector(dets)).pair_shard(meta, tar, st)
+    return out.to_pylist()[0]
+
+
+def test_relation_sentence_pairs_with_the_union_of_its_two_objects(tmp_path):
+    dets = [det([0.1, 0.1, 0.4, 0.4], "circle"), det([0.6, 0.5, 0.9, 0.8], "square", 0.8)]
+    row = pair_one(tmp_path, ["The red circle is to the left of the blue square."], dets, threshold=0.3)
+    m = row["matches"][0]
+    assert m["kind"] == "relation" and m["kept"] and m["top_regions"] == [0, 1]
+    union = row["regions"][m["region"]]
+    assert union["source"] == "union:0+1" and union["score"] is None
+    assert union["box"] == pytest.approx([0.1, 0.1, 0.9, 0.8])
+    # configurable: the best single region instead
+    row = pair_one(tmp_path, ["The red circle is to the left of the blue square."], dets,
+                   threshold=0.3, pair_relation="best")
+    assert row["matches"][0]["kind"] == "relation" and row["matches"][0]["region"] in (0, 1)
+    assert not any(g["source"].startswith("union") for g in row["regions"])
+
+
+def test_scene_sentence_pairs_with_the_whole_image(tmp_path):
+    row = pair_one(tmp_path, ["The background is beige.", "A blue square."], [])  # division: halves only
+    scene, obj = row["matches"]
+    assert scene["kind"] == "scene" and scene["kept"] and scene["score"] is None
+    assert row["regions"][scene["region"]] == {"box": [0.0, 0.0, 1.0, 1.0], "source": "grid:whole:0", "score": None}
+    assert obj["kind"] == "object" and obj["region"] == 1 and obj["kept"]  # the right half
+    from pipeline.regions import goal_records
+    meta, tar, st = shard_inputs(tmp_path, {"000": encode(two_colour_image(), quality=95)},
+                                 {"000": ["The background is beige."]})
+    out = RegionPairer(regions_cfg(), ColourScorer()).pair_shard(meta, tar, st)
+    assert goal_records(out, st)[0]["segment"] == [
+        {"caption": "The background is beige.", "similarity_score": None, "bbox_coordinates": [0, 0, 64, 64]}]
+    row = pair_one(tmp_path, ["The background is beige."], [], division=["whole", "halves"])
+    m = row["matches"][0]
+    assert m["region"] == 0 and m["kept"] and m["score"] is not None and len(row["regions"]) == 5  # reused
+    m = pair_one(tmp_path, ["The background is beige."], [], pair_scene="none")["matches"][0]
+    assert m["kind"] == "scene" and not m["kept"]
+
+
+def test_label_aware_term_moves_the_pair_to_the_box_of_the_named_class(tmp_path):
+    # two red boxes (both in the red left half): the colour scorer cannot tell them apart
+    dets = [det([0.0, 0.0, 0.45, 0.45], "circle"), det([0.0, 0.55, 0.45, 1.0], "square", 0.8)]
+    sent = ["A red square sits in the bottom left."]
+    off = pair_one(tmp_path, sent, dets, labels=False, margin=0.0)["matches"][0]
+    on = pair_one(tmp_path, sent, dets, margin=0.0)  # default: on, the class names are words
+    assert off["region"] == 0  # a tie goes to the first region: the circle
+    m = on["matches"][0]
+    assert on["regions"][m["region"]]["source"] == "det:square" and m["kept"]
+    assert m["score"] == pytest.approx(off["score"] + 0.5, abs=1e-4) and m["margin"] == pytest.approx(0.5, abs=1e-4)
+    # class names that are not words: off by default
+    meta, tar, st = shard_inputs(tmp_path, {"000": encode(two_colour_image(), quality=95)}, {"000": sent})
+    numbered = FakeDetector([det(d["box"], str(k)) for k, d in enumerate(dets)], names=("0", "1"))
+    row = RegionPairer(regions_cfg(margin=0.0), ColourScorer(), numbered).pair_shard(meta, tar, st).to_pylist()[0]
+    assert row["matches"][0]["region"] == 0 and row["matches"][0]["score"] == pytest.approx(off["score"])
+
+
+def test_kind_reaches_the_export_doc(tmp_path):
+    from pipeline.export import regions_by_key
+
+    meta, tar, st = shard_inputs(tmp_path, {"000": encode(two_colour_image())},
+                                 {"000": ["A red square.", "The background is white."]})
+    out = RegionPairer(regions_cfg(), ColourScorer()).pair_shard(meta, tar, st)
+    assert [(p["sentence"], p["kind"]) for p in regions_by_key(out)["000"]["pairs"]] == [
+        ("A red square.", "object"), ("The background is white.", "scene")]
