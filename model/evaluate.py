@@ -145,9 +145,11 @@ def _mask_to(mask: np.ndarray, size: int) -> torch.Tensor:
 
 
 def read_truth(path: str) -> dict:
+    import fsspec
     import pyarrow.parquet as pq
 
-    return {r["id"]: r for r in pq.read_table(path).to_pylist()}
+    fs, p = fsspec.core.url_to_fs(path)  # a local path or any fsspec URL
+    return {r["id"]: r for r in pq.read_table(p, filesystem=fs).to_pylist()}
 
 
 # ---------------------------------------------------------------- benchmark copies (model.evalsets)

@@ -731,7 +731,10 @@ def synthetic_phrases(truth_path: str, where: dict | None = None) -> list[tuple[
     from pipeline.synthetic import word_spans
 
     out = []
-    for row in pq.read_table(truth_path).to_pylist():
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(truth_path)  # a local path or any fsspec URL
+    for row in pq.read_table(p, filesystem=fs).to_pylist():
         if where and any(row.get(k) != v for k, v in where.items() if k in row):
             continue
         spans = word_spans(row["caption"])

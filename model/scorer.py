@@ -3,14 +3,12 @@ embeddings, sentences (each one chunk) -> whole-caption embeddings, both L2-norm
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import latest, load_model
+from .checkpoint import load_model, model_file, read_train_json
 from .data import image_transform, tokenize
 
 
@@ -41,8 +39,7 @@ class CaftScorer:
 
 def _trained_size(checkpoint: str) -> int | None:
     """The image size the model was trained at, from its training folder (train.json)."""
-    p = Path(checkpoint)
-    ck = latest(p) if p.is_dir() and (p / "latest").exists() else (p if p.is_dir() else None)
-    if ck is not None and (ck / "train.json").exists():
-        return json.loads((ck / "train.json").read_text()).get("image_size")
-    return None
+    try:  # a training folder (its latest checkpoint) or a step-* folder; a model file alone has no train.json
+        return read_train_json(model_file(checkpoint).rsplit("/", 1)[0]).get("image_size")
+    except (OSError, ValueError):
+        return None

@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
 import torch
 import torch.distributed as dist
 
 from .registry import all_configs, build
-from .checkpoint import CheckpointError, latest, load_state, read_model_file, save_checkpoint
+from .checkpoint import CheckpointError, latest, load_state, read_model_file, read_train_json, save_checkpoint
 from .data import DataConfig, loader
 
 log = logging.getLogger("longcap.train")
@@ -132,19 +133,19 @@ class _StopFlag:
 class Metrics:
     """metrics.jsonl (append) and TensorBoard, on rank 0."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
-        self.enabled, self.path, self.tb = enabled, out / "metrics.jsonl", None
+    def __init__(self, out: str, enabled: bool, tensorboard: bool):
+        self.enabled, self.path, self.tb = enabled, f"{out}/metrics.jsonl", None
         if enabled and tensorboard:
-            try:
+            try:  # an s3:// (any fsspec) folder goes through TensorBoard's own gfile, which uses fsspec
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                self.tb = SummaryWriter(f"{out}/tensorboard")
             except ImportError as e:
                 log.warning("TensorBoard logging off: %s", e)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with fsspec.open(self.path, "a") as f:  # local or any fsspec URL (s3fs appends by rewriting the object)
             f.write(json.dumps(row) + "\n")
         if self.tb:
             for k, v in _flat(row).items():
@@ -183,8 +184,8 @@ def _mean_over_ranks(values: dict, world: int) -> dict:
     return {k: v / world for k, v in zip(keys, t.tolist())}
 
 
-def _check_resume(ckpt: Path, cfg_dict: dict) -> None:
-    saved = json.loads((ckpt / "train.json").read_text())
+def _check_resume(ckpt: str, cfg_dict: dict) -> None:
+    saved = read_train_json(ckpt)
     diff = [k for k in ARCH_KEYS if saved.get(k) != cfg_dict.get(k)]
     if diff:
         raise CheckpointError(f"{ckpt}: trained with {', '.join(f'{k}={saved.get(k)!r}' for k in diff)}; the config "
@@ -213,14 +214,15 @@ def train(cfg, shards: list[str], out: str | Path, eval_spec: EvalSpec | None = 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, shards, Path(out), eval_spec, device, cuda, rank, world, local_rank, per_rank,
+        return _train(cfg, shards, str(out).rstrip("/"), eval_spec, device, cuda, rank, world, local_rank, per_rank,
                       epoch_samples, stop_after)
     finally:
         torch.set_num_threads(prev_threads)
 
 
 def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, per_rank, epoch_samples, stop_after):
-    out.mkdir(parents=True, exist_ok=True)
+    fs, out_path = fsspec.core.url_to_fs(out)  # a local folder or any fsspec URL (s3://...)
+    fs.makedirs(out_path, exist_ok=True)
     cfg_dict = cfg.model_dump(mode="json")
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -240,7 +242,7 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
     ckpt = latest(out)
     if ckpt is not None:
         _check_resume(ckpt, cfg_dict)
-        weights, _ = read_model_file(ckpt / "model.safetensors")
+        weights, _ = read_model_file(f"{ckpt}/model.safetensors")
         model.load_state_dict(weights)
         state = load_state(ckpt)
         opt.load_state_dict(state["optimizer"])
@@ -359,7 +361,7 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
     finally:
         stop.restore()
         metrics.close()
-    result.update(step=step, out=str(out), checkpoint=str(latest(out)) if rank == 0 else None)
+    result.update(step=step, out=str(out), checkpoint=latest(out) if rank == 0 else None)
     return result
 
 

@@ -10,6 +10,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# s3fs caches directory listings per process; on a run shared by many processes (Ray workers commit shards the
+# driver then checks) a cached listing would hide new files. Off unless the user's fsspec config says otherwise.
+fsspec.config.conf.setdefault("s3", {}).setdefault("use_listings_cache", False)
+
 
 def tmp_name(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
@@ -43,6 +47,13 @@ def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
     fs, p = fsspec.core.url_to_fs(path)
     with fs.open(p, "rb") as f:
         return pq.read_table(f, columns=columns)
+
+
+def parquet_rows(path: str) -> int:
+    """Row count of a parquet file from its footer."""
+    fs, p = fsspec.core.url_to_fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_metadata(f).num_rows
 
 
 def remove_stale_tmp(folder: str) -> int:

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
@@ -371,26 +372,29 @@ def write_world(out_dir: str | Path, families_n: int = 12, variants: int = 3, im
                 seed: int = 0, broken: bool = True) -> dict:
     """Write images/, urls.parquet (relative url, caption, id, family, variant, split) and truth.parquet.
     truth.parquet is committed last, by rename: a world killed while being written is written again."""
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    fs, out = fsspec.core.url_to_fs(str(out_dir).rstrip("/"))  # a local folder or any fsspec URL
+    fs.makedirs(f"{out}/images", exist_ok=True)
     rows, truth = [], []
     for f, fam in enumerate(families(families_n, variants, seed)):
         for v, scene in enumerate(fam):
             img, masks = render(scene, image_size)
             t = truth_row(scene, f, v, image_size, masks)
             rel = f"images/{t['id']}.jpg"
-            img.save(out / rel, "JPEG", quality=92)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=92)
+            fs.pipe_file(f"{out}/{rel}", buf.getvalue())
             rows.append({"url": rel, "caption": t["caption"], "id": t["id"], "family": f,
                          "variant": v, "split": t["split"]})
             truth.append(t)
     if broken:
-        (out / "broken").mkdir(exist_ok=True)
-        (out / "broken" / "not-an-image.jpg").write_text("<html><body>not an image</body></html>\n")
-        good = (out / rows[0]["url"]).read_bytes()
-        (out / "broken" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+        fs.makedirs(f"{out}/broken", exist_ok=True)
+        fs.pipe_file(f"{out}/broken/not-an-image.jpg", b"<html><body>not an image</body></html>\n")
+        good = fs.cat_file(f"{out}/{rows[0]['url']}")
+        fs.pipe_file(f"{out}/broken/truncated.jpg", good[: len(good) // 2])
         for ident, rel, _ in BROKEN:
             rows.append({"url": rel, "caption": "An image that cannot be fetched.", "id": ident,
                          "family": -1, "variant": -1, "split": "broken"})
-    atomic_write_table(str(out / "urls.parquet"), pa.Table.from_pylist(rows))
-    atomic_write_table(str(out / "truth.parquet"), pa.Table.from_pylist(truth))  # last: marks the world complete
+    out = fs.unstrip_protocol(out) if "file" not in fs.protocol else out
+    atomic_write_table(f"{out}/urls.parquet", pa.Table.from_pylist(rows))
+    atomic_write_table(f"{out}/truth.parquet", pa.Table.from_pylist(truth))  # last: marks the world complete
     return {"dir": str(out), "images": len(truth), "urls": len(rows)}

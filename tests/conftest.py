@@ -6,6 +6,15 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# S3 in tests is the moto server on loopback (tests/s3_helpers.py). Set here, before any Ray starts, so Ray
+# workers inherit it; forced (never setdefault), so no test can reach a real bucket with a developer's settings.
+from s3_helpers import free_port, loopback_env, moto_server, new_bucket  # noqa: E402
+
+S3_PORT = free_port()
+for _k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+    os.environ.pop(_k, None)
+os.environ.update(loopback_env(S3_PORT))
+
 
 @pytest.fixture(scope="session")
 def ray_session():
@@ -15,6 +24,22 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for the session (the port the environment already names)."""
+    with moto_server(S3_PORT, str(tmp_path_factory.mktemp("moto") / "server.log")) as url:
+        yield url
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket on the loopback S3 server; its s3:// URL."""
+    import re
+    import uuid
+
+    return new_bucket(re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8])
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +73,13 @@ def demo_config(run_dir, **overrides):
 def fresh_dir(tmp_path):
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+SLOW_TIMEOUT = 900  # s: whole runs on 2 shared cores; the global limit (pyproject: timeout = 300) is for the rest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests without their own @pytest.mark.timeout get SLOW_TIMEOUT instead of the global limit."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))

@@ -140,3 +140,61 @@ def test_clean_stale_removes_leftovers_of_killed_writers(tmp_path):
     assert RunDir(tmp_path).clean_stale() == len(leftovers)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(keep)
     assert not (tmp_path / "images" / "_staging").exists()
+
+
+def test_status_from_progress_summaries_equals_a_full_recount(clean_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(clean_run, run)
+    assert sorted(p.name for p in (run / "progress").glob("*.json")) == ["captions.json", "export.json",
+                                                                         "images.json", "sentences.json"]
+
+    def status(*flags):
+        rc = main(["status", str(run), "--json", *flags])
+        return rc, json.loads(capsys.readouterr().out)
+
+    fast, full = status(), status("--full")
+    assert fast == full and fast[0] == 0 and fast[1]["accounting"] == {"ok": 9, "http_404": 1, "not_an_image": 1,
+                                                                       "truncated": 1}
+    # a summary that names a file that is gone is rebuilt from the files
+    (run / "captions" / "00002.parquet").unlink()
+    fast, full = status(), status("--full")
+    assert fast == full and fast[1]["stages"]["captions"]["shards_done"] == 5
+    assert fast[1]["stages"]["captions"]["shards_pending"] == 1
+    # an output the summary does not know (committed by a driver that died before its summary update) is read
+    from workflows import progress
+    from workflows.rundir import RunDir
+    from workflows.status import reconcile
+
+    shutil.copy(clean_run / "captions" / "00002.parquet", run / "captions" / "00002.parquet")
+    (run / "sentences" / "00004.parquet").rename(tmp_path / "kept.parquet")
+    rd = RunDir(str(run))
+    progress.save(rd.progress("sentences"), reconcile(rd, "sentences", 6, full=True)[0])  # 5 shards known
+    (tmp_path / "kept.parquet").rename(run / "sentences" / "00004.parquet")
+    fast, full = status(), status("--full")
+    assert fast == full and fast[1]["stages"]["sentences"]["shards_done"] == 6
+    # no summaries at all (a run from before progress/): the same answer, from the files
+    shutil.rmtree(run / "progress")
+    assert status() == full
+
+
+@pytest.mark.slow
+def test_read_only_commands_exit_cleanly_when_run_many_times_in_parallel(clean_run):
+    """Every exit code, for each read-only command run 10 times, 4 at once (issue 18 item 5: an abort with
+    'terminate called without an active exception', exit 134, once in ~30 parallel runs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LONGCAP_LOG="WARNING")
+    commands = [["status", str(clean_run)], ["status", str(clean_run), "--json", "--full"],
+                ["config", str(clean_run)], ["model-info", "caft-tiny", "--no-reference"]]
+
+    def once(argv):
+        p = subprocess.run([sys.executable, "-m", "workflows.cli", *argv], capture_output=True, text=True, env=env,
+                           timeout=240)
+        return argv, p.returncode, p.stderr[-400:]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(once, [c for c in commands for _ in range(10)]))
+    bad = [r for r in results if r[1] != 0 or "terminate called" in r[2]]
+    assert bad == [], bad

@@ -193,7 +193,7 @@ def test_checkpoints_refuse_other_files_without_unpickling(tmp_path):
     save_file({"w": torch.zeros(1)}, str(foreign), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="not a longcap model checkpoint"):
         load_model(foreign)
-    torch.save({"step": 2, "x": Evil()}, ck / "state.pt")
+    torch.save({"step": 2, "x": Evil()}, Path(ck) / "state.pt")
     with pytest.raises(CheckpointError, match="refused without unpickling"):
         load_state(ck)
     assert not marker.exists()

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from pipeline.config import ConfigError, dump_config, load_config
 from pipeline.download import shard_name
@@ -18,11 +17,16 @@ EXIT_FAILED, EXIT_CONFIG = 1, 2
 
 def _load(config: str, overrides: list[str]):
     """A config file, or a run directory (its run.yaml)."""
-    p = Path(config)
-    if p.is_dir():
-        if not (p / "run.yaml").exists():
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(config)
+    if fs.isdir(p):  # a run: a local folder or any fsspec URL
+        from .rundir import RunDir
+
+        snapshot = RunDir(config).path("run.yaml")
+        if not fs.exists(fsspec.core.url_to_fs(snapshot)[1]):
             raise ConfigError(f"{config} is a folder without run.yaml: pass a config file or a started run")
-        config = str(p / "run.yaml")
+        config = snapshot
     return load_config(config, overrides)
 
 
@@ -121,7 +125,7 @@ def cmd_status(args) -> int:
     from .rundir import RunDir
     from .status import format_status, run_status
 
-    st = run_status(RunDir(args.run))
+    st = run_status(RunDir(args.run), full=args.full)
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return 0 if st["accounted"] else EXIT_FAILED
 
@@ -176,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="per-stage progress and the accounting of every input URL")
     s.add_argument("run")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--full", action="store_true",
+                   help="count from every shard's files, not the progress summaries (slow on large runs)")
     s.set_defaults(fn=cmd_status)
 
     y = sub.add_parser("synth", help="write a synthetic world (images, urls.parquet, truth.parquet)")

@@ -8,17 +8,19 @@ import statistics
 import time
 from pathlib import Path
 
+from pipeline.storage import atomic_write_json
+from .rundir import RunDir
+
 log = logging.getLogger("longcap.eval")
 
 
 def checkpoint_defaults(path: str) -> dict:
     """image_size / k_chunks the model was trained with (the checkpoint's train.json), when known."""
-    from model.checkpoint import latest
+    from model.checkpoint import model_file, read_train_json
 
-    p = Path(path)
-    folder = (latest(p) or p) if p.is_dir() else p.parent  # a training folder, a step-* folder, a model file
+    folder = model_file(path).rsplit("/", 1)[0]  # a training folder, a step-* folder, a model file
     try:
-        cfg = json.loads((folder / "train.json").read_text())
+        cfg = read_train_json(folder)
         return {"image_size": int(cfg.get("image_size", 224)), "k_chunks": int(cfg.get("k_chunks", 4)), "known": True}
     except (OSError, ValueError, TypeError, AttributeError):
         return {"image_size": 224, "k_chunks": 4, "known": False}
@@ -26,8 +28,10 @@ def checkpoint_defaults(path: str) -> dict:
 
 def checkpoint_label(path: str) -> str:
     """A name for a checkpoint in file names: the training folder (with the step for a step-* folder) or the file."""
-    p = Path(path).resolve()
-    if p.is_file():  # step-N/model.safetensors, or an exported file (named after its folder when it is model.*)
+    remote = "://" in str(path)
+    p = Path(str(path).split("://", 1)[1]) if remote else Path(path).resolve()
+    if p.suffix == ".safetensors" if remote else p.is_file():  # step-N/model.safetensors, or an exported file
+        # (named after its folder when it is model.*)
         p = p.parent if p.parent.name.startswith("step-") or p.stem == "model" else p.with_suffix("")
     return f"{p.parent.name}-{p.name}" if p.name.startswith("step-") else p.name
 
@@ -110,9 +114,9 @@ def _own_measures(model, run: str | None, where: dict | None, size: int, k: int,
 
     if not run:
         raise FileNotFoundError("synthetic evaluation needs --run RUN (a run with a synthetic input and export/)")
-    truth = Path(run, "synth", "truth.parquet")
+    rd = RunDir(run)
     where = where if where is not None else {"split": "test"}
-    spec = EvalSpec(expand_shards([f"{run}/export/*.tar"]), where=where, truth=str(truth) if truth.exists() else None,
+    spec = EvalSpec(expand_shards([rd.export_shards()]), where=where, truth=rd.truth(),
                     image_size=size, k_chunks=k, batch_size=batch_size)
     model.eval()
     return {"where": where, **model.evaluate(spec, device)}
@@ -125,15 +129,16 @@ def _synthetic(model, run: str | None, where: dict | None, size: int, k: int, ba
 
     if not run:
         raise FileNotFoundError("synthetic evaluation needs --run RUN (a run with a synthetic input and export/)")
-    urls = expand_shards([f"{run}/export/*.tar"])
+    rd = RunDir(run)
+    urls = expand_shards([rd.export_shards()])
     where = where if where is not None else {"split": "test"}
     flat = model.cfg.whole_depth == 0 and not model.cfg.part_loss
     data = DataConfig(image_size=size, n_sub=1 if flat else max(k, 1), k_chunks=1 if flat else k, train=False,
                       batch_size=batch_size, where=where or None)
     out = {"where": where, "retrieval": retrieval(model, encode_shards(model, urls, data, device))}
-    truth = Path(run, "synth", "truth.parquet")
-    if truth.exists() and model.cfg.part_loss:
-        out["grounding"] = synthetic_grounding(model, urls, read_truth(str(truth)), data, device)
+    truth = rd.truth()
+    if truth and model.cfg.part_loss:
+        out["grounding"] = synthetic_grounding(model, urls, read_truth(truth), data, device)
     return out
 
 
@@ -189,11 +194,10 @@ def cmd_eval(args) -> int:
     r = evaluate_checkpoint(args.checkpoint, args.dataset, args.root or (args.run if args.dataset == "synthetic"
                             else None), args.split, args.annotations, args.images, args.image_size, args.k_chunks,
                             args.batch, args.limit, args.device, args.alpha, where, args.split_by)
-    out = args.out or (str(Path(args.run, "eval", f"{args.dataset}-{checkpoint_label(args.checkpoint)}.json"))
+    out = args.out or (RunDir(args.run).eval_file(f"{args.dataset}-{checkpoint_label(args.checkpoint)}")
                        if args.run else None)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(r, indent=2))
+        atomic_write_json(out, r)
     print(json.dumps(r, indent=2) if args.json else format_eval(r))
     if out:
         print(f"wrote {out}")
@@ -221,7 +225,8 @@ def ablate(run: str, size: str = "tiny", rows: list[str] | None = None, seeds: l
     from pipeline.config import load_config
     from .training import launch, plan
 
-    cfg = load_config(str(Path(run, "run.yaml")))
+    rd = RunDir(run)
+    cfg = load_config(rd.path("run.yaml"))
     if cfg.train is None:
         raise FileNotFoundError(f"{run}/run.yaml has no train section: ablate trains each row with it")
     device = _device(device)
@@ -231,7 +236,7 @@ def ablate(run: str, size: str = "tiny", rows: list[str] | None = None, seeds: l
     for row in names:
         runs = []
         for seed in seeds:
-            tc = row_config(cfg.train, row, seed, steps, str(Path(run, "ablation", row, f"seed-{seed}")))
+            tc = row_config(cfg.train, row, seed, steps, rd.ablation(row, f"seed-{seed}"))
             t0 = time.time()
             p = dict(plan(tc, run), eval=None)  # evaluated below, exactly as `longcap eval ... synthetic`
             res = launch(tc, p)  # trains on the GPU when torch sees one
@@ -346,8 +351,8 @@ def cmd_ablate(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = args.rows.split(",") if args.rows else None
     t = ablate(args.run, args.size, rows, seeds, args.steps, args.device)
-    out = args.out or str(Path(args.run, "ablation.json"))
-    Path(out).write_text(json.dumps(t, indent=2))
+    out = args.out or RunDir(args.run).ablation()
+    atomic_write_json(out, t)
     print(format_ablation(t))
     print(f"wrote {out}")
     return 0

@@ -10,9 +10,6 @@ some region of the image reaches the IoU (the best any matcher could do).
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
-
-import pyarrow.parquet as pq
 import torch
 from torchvision.ops import box_iou
 
@@ -45,7 +42,7 @@ def collect_items(run: RunDir, shards: list[int], stage: str = "regions", rescor
 
     rescore: a RegionPairer that re-pairs the stage's regions in memory (an ablation) instead of reading them."""
     truth = {r["id"]: {s["text"]: s for s in r["sentences"]}
-             for r in pq.read_table(Path(run.synth_dir) / "truth.parquet", columns=["id", "sentences"]).to_pylist()}
+             for r in read_table(run.synth("truth.parquet"), ["id", "sentences"]).to_pylist()}
     items, unmatched, kinds = defaultdict(list), 0, defaultdict(lambda: defaultdict(int))
     for shard in shards:
         if not run.is_done(stage, shard):

@@ -80,8 +80,23 @@ def cmd_export_model(args) -> int:
     return 0
 
 
+class _ModelNames:
+    """argparse choices read only when checked or printed: building the parser must not import torch
+    (`longcap status` and the other light commands start in about a second)."""
+
+    def _names(self):
+        from model.caft import CONFIGS
+
+        return list(CONFIGS)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def add_commands(sub) -> None:
-    from model.caft import CONFIGS
 
     r = sub.add_parser("train", help="train a model on export shards (resumes from train.out)")
     r.add_argument("config", help="a run config with a train section, or a train-only YAML")
@@ -95,7 +110,7 @@ def add_commands(sub) -> None:
     e.set_defaults(fn=cmd_export_model)
 
     i = sub.add_parser("model-info", help="parameters and forward FLOPs per sample, next to open_clip ViT-B-16")
-    i.add_argument("names", nargs="+", choices=list(CONFIGS), metavar="NAME", help=", ".join(CONFIGS))
+    i.add_argument("names", nargs="+", choices=_ModelNames(), metavar="NAME", help="%(choices)s")
     i.add_argument("--n-sub", type=int, default=8, help="sub-captions per caption (N)")
     i.add_argument("--k-chunks", type=int, default=4, help="of which in the whole caption (K)")
     i.add_argument("--reference", default="ViT-B-16", help="open_clip architecture to compare with")

@@ -10,14 +10,11 @@ external URL.
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import logging
 import re
-import shutil
 import tarfile
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -135,8 +132,8 @@ def _done(run: RunDir, folder: str, shards: list[int]) -> int:
 class Ctx:
     """What the section builders share: the run, its shards, the output folder and the figures written."""
 
-    def __init__(self, run: RunDir, out: Path, shards: list[int], stat_shards: int = 0):
-        self.run, self.out, self.img = run, out, out / "img"
+    def __init__(self, run: RunDir, shards: list[int], stat_shards: int = 0):
+        self.run, self.img = run, run.report("img")
         self.shards = shards
         self.sample = _spread(shards, stat_shards)  # the shards statistics are read from
         self.images_written: list[str] = []
@@ -145,22 +142,25 @@ class Ctx:
 
     def glob(self, pattern: str) -> list[str]:
         """Openable paths of the run's files matching a pattern relative to the run."""
-        fs = self.run.fs
-        found = sorted(fs.glob(f"{self.run._path}/{pattern}"))
-        return found if self.run.is_local else [fs.unstrip_protocol(p) for p in found]
+        return self.run.glob(pattern)
 
     def save_fig(self, fig, name: str) -> str:
-        fig.savefig(self.img / name, format="png", dpi=100)
-        return self._written(name)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        return self._written(name, buf)
 
     def save_pil(self, im, name: str) -> str:
+        buf = io.BytesIO()
         if name.endswith(".jpg"):
-            im.convert("RGB").save(self.img / name, format="JPEG", quality=88)
+            im.convert("RGB").save(buf, format="JPEG", quality=88)
         else:
-            im.save(self.img / name, format="PNG")
-        return self._written(name)
+            im.save(buf, format="PNG")
+        return self._written(name, buf)
 
-    def _written(self, name: str) -> str:
+    def _written(self, name: str, buf: io.BytesIO) -> str:
+        """The figure goes straight to RUN/report/img/ (a local folder or any fsspec URL)."""
+        fs, p = fsspec.core.url_to_fs(f"{self.img}/{name}")
+        fs.pipe_file(p, buf.getvalue())
         rel = f"img/{name}"
         self.images_written.append(rel)
         return rel
@@ -447,19 +447,24 @@ def sec_gallery(c: Ctx, n: int) -> str:
             "grey sentences kept no region.</p>" f'<div class="gallery">{"".join(cards)}</div>')
 
 
-def _models(c: Ctx) -> list[Path]:
-    if not c.run.is_local:
-        return []
-    return sorted(p for p in Path(c.run.root, "models").glob("*")
-                  if p.is_dir() and ((p / "metrics.jsonl").exists() or (p / "latest").exists()))
+def _models(c: Ctx) -> list[str]:
+    """Training folders in models/ (openable paths): those with metrics.jsonl or a checkpoint."""
+    found = {f.rsplit("/", 1)[0] for f in c.glob("models/*/metrics.jsonl") + c.glob("models/*/latest")}
+    return sorted(found)
 
 
-def _metrics(folder: Path) -> list[dict]:
-    p = folder / "metrics.jsonl"
-    if not p.exists():
+def _base(folder: str) -> str:
+    return folder.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _metrics(folder: str) -> list[dict]:
+    p = f"{folder}/metrics.jsonl"
+    if not exists(p):
         return []
     out = []
-    for line in p.read_text().splitlines():
+    with fsspec.open(p, "r") as f:
+        text = f.read()
+    for line in text.splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -473,7 +478,7 @@ def _eval_samples(c: Ctx, n: int) -> list[tuple[str, object, list[str]]]:
 
     from pipeline.images import decode_image
 
-    tars = sorted(glob.glob(str(Path(c.run.root, "export", "*.tar"))))
+    tars = c.glob("export/*.tar")
     if not tars:
         return []
     test, other = [], []
@@ -501,10 +506,8 @@ def sec_heatmaps(c: Ctx, n_images: int, n_texts: int = 3) -> str:
     from model.checkpoint import load_model
     from model.grounding import cannot_ground
 
-    models = [m for m in _models(c) if (m / "latest").exists()]
+    models = [m for m in _models(c) if exists(f"{m}/latest")]
     c.counts["heatmaps"] = 0
-    if not c.run.is_local:
-        return H.not_run("heat maps are drawn for local run directories only (checkpoints load from local files)")
     if not models:
         return H.not_run("no trained model in models/ (training not run)")
     samples = _eval_samples(c, n_images)
@@ -515,29 +518,29 @@ def sec_heatmaps(c: Ctx, n_images: int, n_texts: int = 3) -> str:
         try:
             model = load_model(folder)
         except Exception as e:  # noqa: BLE001 - a broken checkpoint is said, not fatal to the report
-            parts.append(f'<p class="bad">{H.esc(folder.name)}: cannot load: {H.esc(e)}</p>')
+            parts.append(f'<p class="bad">{H.esc(_base(folder))}: cannot load: {H.esc(e)}</p>')
             continue
         why = cannot_ground(model)
         if why:
-            parts.append(f"<p>{H.esc(folder.name)}: no heat maps: {H.esc(why)}</p>")
+            parts.append(f"<p>{H.esc(_base(folder))}: no heat maps: {H.esc(why)}</p>")
             continue
         size = checkpoint_image_size(folder)
-        parts.append(f"<h3>{H.esc(folder.name)} <span class='note'>step {model.trained_steps}, "
+        parts.append(f"<h3>{H.esc(_base(folder))} <span class='note'>step {model.trained_steps}, "
                      f"input {size}px</span></h3>")
         for key, im, sents in samples:
             texts = sents[:n_texts]
             try:
                 overlays = ground_images(model, im, texts, size)
             except Exception as e:  # noqa: BLE001 - said under this model; the other models still drawn
-                parts.append(f'<p class="bad">{H.esc(folder.name)}: cannot ground {H.esc(key)}: {H.esc(e)}</p>')
+                parts.append(f'<p class="bad">{H.esc(_base(folder))}: cannot ground {H.esc(key)}: {H.esc(e)}</p>')
                 continue
             thumb = im.copy()
             thumb.thumbnail((256, 256))
-            cells = [f'<div class="card small"><img src="{H.esc(c.save_pil(thumb, f"heat-{_safe(folder.name)}-{_safe(key)}.jpg"))}"'
+            cells = [f'<div class="card small"><img src="{H.esc(c.save_pil(thumb, f"heat-{_safe(_base(folder))}-{_safe(key)}.jpg"))}"'
                      f' alt="{H.esc(key)}"><div><b>{H.esc(key)}</b> (image)</div></div>']
             for j, (t, ov) in enumerate(zip(texts, overlays)):
                 ov.thumbnail((256, 256))
-                src = c.save_pil(ov, f"heat-{_safe(folder.name)}-{_safe(key)}-{j}.png")
+                src = c.save_pil(ov, f"heat-{_safe(_base(folder))}-{_safe(key)}-{j}.png")
                 cells.append(f'<div class="card small heatmap"><img src="{H.esc(src)}" alt="heat map">'
                              f"<div>{H.esc(t)}</div></div>")
                 c.counts["heatmaps"] += 1
@@ -552,8 +555,6 @@ def sec_training(c: Ctx) -> str:
     models = _models(c)
     curves = [(m, [r for r in _metrics(m) if "loss" in r]) for m in models]
     curves = [(m, rows) for m, rows in curves if rows]
-    if not c.run.is_local:
-        return H.not_run("training curves are read from local run directories only")
     if not curves:
         return H.not_run("no models/*/metrics.jsonl in this run (training not run)")
     parts = []
@@ -571,12 +572,12 @@ def sec_training(c: Ctx) -> str:
         for ax, (title, keys) in zip(axes, panels):
             for k in keys:
                 ax.plot(steps, [r.get(k, np.nan) for r in rows], marker="." if len(rows) < 30 else None, label=k)
-            ax.set_title(f"{folder.name}: {title}", fontsize=9)
+            ax.set_title(f"{_base(folder)}: {title}", fontsize=9)
             ax.set_xlabel("step")
             if len(keys) > 1:
                 ax.legend(fontsize=8)
-        parts.append(f"<h3>{H.esc(folder.name)}</h3>")
-        parts.append(H.fig(c.save_fig(fig, f"train-{_safe(folder.name)}.png"), f"training curves of {folder.name}"))
+        parts.append(f"<h3>{H.esc(_base(folder))}</h3>")
+        parts.append(H.fig(c.save_fig(fig, f"train-{_safe(_base(folder))}.png"), f"training curves of {_base(folder)}"))
         last = {k: v for k, v in rows[-1].items() if k != "time"}
         parts.append(H.table(list(last), [list(last.values())]))
     return "\n".join(parts)
@@ -594,7 +595,7 @@ def sec_evaluation(c: Ctx) -> str:
         evals = [r for r in _metrics(folder) if "eval" in r]
         for r in evals:
             found += 1
-            parts.append(f"<h3>Training evaluation: {H.esc(folder.name)}, step {H.esc(r.get('step'))}</h3>")
+            parts.append(f"<h3>Training evaluation: {H.esc(_base(folder))}, step {H.esc(r.get('step'))}</h3>")
             parts.append(H.generic(r["eval"]))
     def read(p):  # a bad file costs only its own entry
         try:
@@ -653,13 +654,11 @@ def write_report(root: str, gallery: int = 8, heat_images: int = 3, stat_shards:
     accounting always covers every shard."""
     run = RunDir(root)
     shards = _shards(run)  # before anything is written: a folder that is not a run is refused untouched
-    remote = not run.is_local
-    out = Path(tempfile.mkdtemp(prefix="longcap-report-")) if remote else Path(run.root, "report")
-    img = out / "img"
-    if img.exists():
-        shutil.rmtree(img)  # only the report writes img/; figures of an earlier report go
-    img.mkdir(parents=True)
-    c = Ctx(run, out, shards, stat_shards)
+    img = run.fs._strip_protocol(run.report("img"))
+    if run.fs.exists(img):
+        run.fs.rm(img, recursive=True)  # only the report writes img/; figures of an earlier report go
+    run.fs.makedirs(img, exist_ok=True)
+    c = Ctx(run, shards, stat_shards)
     builders = [("overview", "Run", sec_overview),
                 ("accounting", "Input URLs", sec_accounting),
                 ("captions", "Captions", sec_captions),
@@ -680,13 +679,10 @@ def write_report(root: str, gallery: int = 8, heat_images: int = 3, stat_shards:
         if 'class="notrun"' in body:
             not_run.append(sid)
         sections.append((sid, title, body))
-    page = H.page(f"longcap report: {Path(run.root).name}",
+    page = H.page(f"longcap report: {_base(run.root)}",
                   f"{run.root} · written {time.strftime('%Y-%m-%d %H:%M:%S')}", sections)
-    atomic_write_bytes(str(out / "index.html"), page.encode())
-    index = run.path("report", "index.html")
-    if remote:
-        run.fs.put(str(out) + "/", f"{run._path}/report/", recursive=True)
-        shutil.rmtree(out, ignore_errors=True)
+    index = run.report("index.html")
+    atomic_write_bytes(index, page.encode())
     return {"index": index, "images": c.images_written, "gallery": c.counts.get("gallery", 0),
             "heatmaps": c.counts.get("heatmaps", 0), "not_run": not_run, "failed": failed}
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import time
-from pathlib import Path
-
 import fsspec
 import pyarrow as pa
 import yaml
@@ -31,6 +30,44 @@ class RunDir:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    # Every other file of a run is named here, so a run on s3:// (or any fsspec URL) and a local one are the same.
+
+    def synth(self, *parts: str) -> str:
+        """The synthetic world of an `input.synthetic` run (images, urls.parquet, truth.parquet)."""
+        return self.path("synth", *parts)
+
+    def truth(self) -> str | None:
+        """synth/truth.parquet when this run has a synthetic world, else None."""
+        p = self.synth("truth.parquet")
+        return p if exists(p) else None
+
+    def models(self, *parts: str) -> str:
+        """models/: the detector and every training folder (checkpoints, metrics.jsonl, tensorboard/)."""
+        return self.path("models", *parts)
+
+    def export_shards(self) -> str:
+        """The glob of the exported training shards."""
+        return self.path("export", "*.tar")
+
+    def eval_file(self, name: str) -> str:
+        return self.path("eval", f"{name}.json")
+
+    def ablation(self, *parts: str) -> str:
+        """ablation/ROW/seed-N training folders; ablation() alone: the table, ablation.json."""
+        return self.path("ablation", *parts) if parts else self.path("ablation.json")
+
+    def report(self, *parts: str) -> str:
+        return self.path("report", *parts)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Openable paths (local paths or URLs) of the run's files matching a pattern relative to the run."""
+        found = sorted(self.fs.glob(f"{self._path}/{pattern}"))
+        return found if self.is_local else [self.fs.unstrip_protocol(p) for p in found]
+
+    def url(self, fs_path: str) -> str:
+        """An openable path for a path of this run's filesystem (fs.ls / fs.glob give them without the scheme)."""
+        return fs_path if self.is_local else self.fs.unstrip_protocol(fs_path)
+
     @property
     def images_from(self) -> str | None:
         """The earlier run whose images/ this run reads (input.images_from), from the config or run.yaml."""
@@ -49,6 +86,25 @@ class RunDir:
         if stage == "download":
             return self.images(f"{shard_name(shard)}.parquet")
         return self.path(STAGE_DIRS[stage], f"{shard_name(shard)}.parquet")
+
+    def stage_dir(self, stage: str) -> str:
+        """The folder of a stage's per-shard outputs (download: images/, this run's or input.images_from's)."""
+        return self.images() if stage == "download" else self.path(STAGE_DIRS[stage])
+
+    def committed(self, stage: str) -> set[int]:
+        """Shard ids whose output file exists, from one listing of the stage folder (not one check per shard)."""
+        fs, folder = fsspec.core.url_to_fs(self.stage_dir(stage))
+        try:  # locally the names alone (fsspec's local ls stats every file: seconds at 100k)
+            names = os.listdir(folder) if "file" in fs.protocol else fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return set()
+        if "file" not in fs.protocol:
+            names = [n.rsplit("/", 1)[-1] for n in names]
+        return {int(n[:-8]) for n in names if n.endswith(".parquet") and n[:-8].isdigit()}
+
+    def progress(self, stage: str) -> str:
+        """progress/<stage>.json: the stage's summary that `status` reads (workflows/progress.py)."""
+        return self.path("progress", f"{STAGE_DIRS[stage]}.json")
 
     def shard_input(self, shard: int) -> str:
         return self.images("_shards", f"{shard_name(shard)}.parquet")
@@ -85,7 +141,7 @@ class RunDir:
         if not exists(p):
             return None
         with fsspec.open(p, "r") as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml when there
 
     def check_config(self, cfg: Config, force: bool = False) -> list[str]:
         """Write run.yaml on first start; on restart, refuse a different config unless forced."""
@@ -130,17 +186,14 @@ class RunDir:
     def input_urls(self, cfg: Config) -> list[str]:
         if cfg.input.synthetic is None:
             return list(cfg.input.urls)
-        if not self.is_local:
-            raise ConfigError("input.synthetic needs a local run.dir (the world is served from disk)")
-        world = self.synth_dir
-        if not (Path(world) / "truth.parquet").exists():
+        if self.truth() is None:
             s = cfg.input.synthetic
-            synthetic.write_world(world, s.families, s.variants, s.image_size, s.seed, s.broken)
-        return [str(Path(world) / "urls.parquet")]
+            synthetic.write_world(self.synth(), s.families, s.variants, s.image_size, s.seed, s.broken)
+        return [self.synth("urls.parquet")]
 
     @property
     def synth_dir(self) -> str:
-        return str(Path(self._path) / "synth")
+        return self.synth()
 
     def serve_dir(self, cfg: Config) -> str | None:
         return self.synth_dir if cfg.input.synthetic is not None else cfg.input.serve_dir

@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError
 from pipeline.download import shard_name
+from . import progress
 from .rundir import RunDir
 from .serve import serve_folder
+from .status import reconcile
 from .stages import ORDER, WORKERS, prepare, run_worker, upstream, write_export_index
 
 log = logging.getLogger("longcap")
@@ -67,16 +69,16 @@ def die_with_raylet() -> None:
 
 @ray.remote(max_retries=0)
 def _shard_task(stage: str, cfg: Config, root: str, base_url, shard: int) -> dict:
-    return run_worker(WORKERS[stage](cfg, root, base_url), shard)
+    return run_worker(WORKERS[stage](cfg, root, base_url), shard, stage)
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class _StageActor:
     def __init__(self, stage: str, cfg: Config, root: str, base_url):
-        self.worker = WORKERS[stage](cfg, root, base_url)
+        self.stage, self.worker = stage, WORKERS[stage](cfg, root, base_url)
 
     def run(self, shard: int) -> dict:
-        return run_worker(self.worker, shard)
+        return run_worker(self.worker, shard, self.stage)
 
 
 def actor_gpus(stage: str, cfg: Config) -> float:
@@ -114,21 +116,52 @@ class Runner:
         self.only = set(shards) if shards is not None else None
         self.progress = progress and sys.stderr.isatty()
         self.manifest = run.load_manifest()
+        self.summaries: dict = {}  # stage -> progress.StageSummary (progress/<stage>.json)
+        self._done: dict = {}  # stage -> committed shard ids
+        self._saved_at, self._save_cost = 0.0, 0.0
 
     # ---------------------------------------------------------------- bookkeeping
 
     def _record(self, stage: str, shard: int, entry: dict) -> None:
-        st = self.manifest["stages"].setdefault(stage, {"shards": {}})
-        st["shards"][shard_name(shard)] = entry
-        done = [e for e in st["shards"].values() if e["status"] == "done"]
-        st["summary"] = {
-            "shards_done": len(done),
-            "shards_failed": sum(e["status"] == "failed" for e in st["shards"].values()),
-            "samples": sum(e.get("rows", 0) for e in done),
-            "samples_ok": sum(e.get("ok", 0) for e in done),
-            "seconds": round(sum(e.get("seconds", 0) for e in done), 3),
-        }
+        """After each shard: its progress summary (small, written every time) and the manifest (per-shard
+        detail; rewritten at most about once a second and at the end, since at 100k shards it is large)."""
+        name = shard_name(shard)
+        counts = entry.pop("counts", None)
+        if entry["status"] == "done":
+            self._committed(stage).add(shard)
+        summary = self.summaries.get(stage)
+        if summary is not None:
+            if entry["status"] == "done":
+                summary.add(shard, name, (counts or {}).get("rows", {}), (counts or {}).get("urls"))
+                if (counts or {}).get("error"):
+                    summary.fail(name, counts["error"])
+            else:
+                summary.fail(name, entry.get("error", ""))
+            progress.save(self.run.progress(stage), summary)
+        self.manifest["stages"].setdefault(stage, {"shards": {}})["shards"][name] = entry
+        if entry["status"] != "done" or time.time() - self._saved_at > max(1.0, 10 * self._save_cost):
+            self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        t0 = time.time()
+        for st in self.manifest["stages"].values():
+            done = [e for e in st["shards"].values() if e["status"] == "done"]
+            st["summary"] = {
+                "shards_done": len(done),
+                "shards_failed": sum(e["status"] == "failed" for e in st["shards"].values()),
+                "samples": sum(e.get("rows", 0) for e in done),
+                "samples_ok": sum(e.get("ok", 0) for e in done),
+                "seconds": round(sum(e.get("seconds", 0) for e in done), 3),
+            }
         self.run.save_manifest(self.manifest)
+        self._saved_at, self._save_cost = time.time(), time.time() - t0
+
+    def _committed(self, stage: str) -> set[int]:
+        """Shards with an output, from one listing per stage at the start (not one existence check per shard:
+        100k HEAD requests on object storage), kept up to date as shards commit."""
+        if stage not in self._done:
+            self._done[stage] = self.run.committed(stage)
+        return self._done[stage]
 
     def _next_stage(self, stage: str) -> str | None:
         return next((s for s in self.stages if upstream(s, self.cfg) == stage), None)
@@ -140,21 +173,26 @@ class Runner:
         all_shards = self.run.plan(self.cfg)
         shards = [s for s in all_shards if self.only is None or s in self.only]
         self.run.clean_stale()
+        for stage in self.stages:  # the summaries `status` reads, brought up to date with the files
+            summary, changed = reconcile(self.run, stage, len(all_shards))
+            self.summaries[stage] = summary
+            if changed:
+                progress.save(self.run.progress(stage), summary)
         result = RunResult()
         pending = {s: collections.deque() for s in self.stages}
         for shard in shards:
             for stage in self.stages:
-                if self.run.is_done(stage, shard):
+                if shard in self._committed(stage):
                     continue
                 up = upstream(stage, self.cfg)
-                if up is None or self.run.is_done(up, shard):
+                if up is None or shard in self._committed(up):
                     pending[stage].append(shard)
                 elif up == "download" and self.cfg.input.images_from:
                     result.blocked[(stage, shard)] = f"input.images_from run {self.cfg.input.images_from} has no images for it"
                 elif up not in self.stages:
                     result.blocked[(stage, shard)] = f"needs {up} output first (run with --stages {up},{stage})"
                 break
-        if "regions" in self.stages and any(not self.run.is_done("regions", s) for s in shards):
+        if "regions" in self.stages and any(s not in self._committed("regions") for s in shards):
             self._prepare(shards, pending, result)
         need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
         with (serve_folder(self.run.serve_dir(self.cfg)) if need_server else contextlib.nullcontext()) as base:
@@ -174,7 +212,7 @@ class Runner:
             err = f"detector training failed: {error_text(e)}"
             log.error(err)
             for shard in shards:
-                if not self.run.is_done("regions", shard):
+                if shard not in self._committed("regions"):
                     result.failed[("regions", shard)] = err
                     self._record("regions", shard, {"status": "failed", "error": err, "attempts": 1})
             pending["regions"].clear()
@@ -188,12 +226,12 @@ class Runner:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         for stage in self.stages:  # a local Ray cannot grow: an actor it cannot place would wait forever
             need, have = actor_gpus(stage, self.cfg), ray.cluster_resources().get("GPU", 0)
-            if need > have and self.cfg.ray.address is None and not all(self.run.is_done(stage, s) for s in shards):
+            if need > have and self.cfg.ray.address is None and not set(shards) <= self._committed(stage):
                 raise ConfigError(f"{stage}: an actor needs {need:g} GPU(s) (captioners[].gpus, regions.num_gpus) but the Ray "
                                   f"cluster has {have:g}; set gpus: 0 to run on CPU")
         task_limit = self.cfg.ray.download_tasks or max(1, cpus)
         bars = {s: tqdm(total=len(shards), desc=f"{s:>9}", unit="shard", position=i, leave=True,
-                        disable=not self.progress, initial=sum(self.run.is_done(s, x) for x in shards))
+                        disable=not self.progress, initial=len(self._committed(s) & set(shards)))
                 for i, s in enumerate(self.stages)}
         samples = collections.Counter()
         started = {}
@@ -274,7 +312,7 @@ class Runner:
                                  shard_name(shard), summary.get("rows", 0), summary.get("ok", 0),
                                  summary.get("seconds", 0), rate)
                     nxt = self._next_stage(stage)
-                    if nxt and not self.run.is_done(nxt, shard):
+                    if nxt and shard not in self._committed(nxt):
                         pending[nxt].append(shard)
         finally:
             for b in bars.values():
@@ -287,4 +325,4 @@ class Runner:
                 st = self.manifest["stages"].setdefault(stage, {"shards": {}})
                 st["last_run"] = {"samples": samples[stage], "seconds": round(time.time() - started[stage], 3),
                                   "samples_per_s": round(samples[stage] / max(time.time() - started[stage], 1e-6), 2)}
-        self.run.save_manifest(self.manifest)
+        self._save_manifest()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import mimetypes
 import sys
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import fsspec
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -36,6 +39,33 @@ def serve(handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1"):
         server.server_close()
 
 
+class _FsspecHandler(BaseHTTPRequestHandler):
+    """GET of a file under an fsspec folder (a synthetic world on s3://): 200 with its bytes, or 404."""
+    fs, root = None, ""
+
+    def do_GET(self):  # noqa: N802 - the http.server name
+        rel = self.path.split("?", 1)[0].lstrip("/")
+        if ".." in rel.split("/"):
+            self.send_error(404)
+            return
+        try:
+            data = self.fs.cat_file(f"{self.root}/{rel}")
+        except (FileNotFoundError, IsADirectoryError):
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", mimetypes.guess_type(rel)[0] or "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
 def serve_folder(folder: str, host: str = "127.0.0.1"):
-    """Serve one folder's files (content type by extension)."""
-    return serve(functools.partial(_QuietHandler, directory=str(folder)), host)
+    """Serve one folder's files (content type by extension): a local folder, or any fsspec URL."""
+    fs, root = fsspec.core.url_to_fs(str(folder).rstrip("/"))
+    if "file" in fs.protocol:
+        return serve(functools.partial(_QuietHandler, directory=root), host)
+    return serve(type("Handler", (_FsspecHandler,), {"fs": fs, "root": root}), host)

@@ -156,7 +156,7 @@ class ExportWorker:
 
 def write_export_index(run_dir: RunDir, shards: list[int]) -> int | None:
     """export/index.parquet: the exported keys of every shard, once all shards are exported."""
-    if not all(run_dir.is_done("export", s) for s in shards):
+    if not set(shards) <= run_dir.committed("export"):
         return None
     parts = [read_table(run_dir.output("export", s)) for s in shards]
     index = pa.concat_tables(parts).filter(pa.compute.field("exported"))
@@ -186,8 +186,15 @@ def upstream(stage: str, cfg: Config) -> str | None:
     return order[i - 1] if i else None
 
 
-def run_worker(worker, shard: int) -> dict:
+def run_worker(worker, shard: int, stage: str | None = None) -> dict:
+    """Run one shard; with `stage`, also its outcome counts for the stage's progress summary (read back from the
+    committed files, by the same code as `longcap status`), under "counts"."""
     t0 = time.time()
     summary = worker.run(shard)
     summary["seconds"] = round(time.time() - t0, 3)
+    if stage is not None:
+        from .status import stage_counts
+
+        rows, urls, error = stage_counts(worker.run_dir, stage, shard)
+        summary["counts"] = {"rows": dict(rows), "urls": dict(urls or {}), "error": error}
     return summary

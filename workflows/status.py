@@ -1,4 +1,9 @@
-"""`longcap status`: what every stage did, and the fate of 100% of the input URLs, from the files."""
+"""`longcap status`: what every stage did, and the fate of 100% of the input URLs.
+
+Fast at any size: per stage it reads the summary the runner keeps (progress/<stage>.json) and one listing of
+the stage folder; only outputs the summary does not know are read (workflows/progress.py). `--full` reads
+every shard's files instead.
+"""
 
 from __future__ import annotations
 
@@ -6,63 +11,106 @@ import json
 from collections import Counter
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 
 from pipeline.download import read_images_meta, shard_name
 from pipeline.records import OK, download_reason
 from pipeline.storage import exists, read_table
+from . import progress
 from .rundir import STAGE_DIRS, RunDir
 from .stages import ORDER
 
 
-def run_status(run: RunDir) -> dict:
+def read_plan(run: RunDir) -> dict:
     plan_file = run.images("_shards", "plan.json")
     if not exists(plan_file):
         raise FileNotFoundError(f"{run.root} is not a started run (no images/_shards/plan.json)")
-    manifest = run.load_manifest()
     with fsspec.open(plan_file, "r") as f:
-        plan = json.load(f)
-    shards = list(range(plan["shards"]))
+        return json.load(f)
+
+
+def status_stages(run: RunDir) -> list[str]:
+    snapshot = run.load_snapshot() or {}
+    return [s for s in ORDER if s != "regions" or snapshot.get("regions")]  # regions: only when configured
+
+
+def reconcile(run: RunDir, stage: str, shards: int, full: bool = False,
+              manifest: dict | None = None) -> tuple[progress.StageSummary, bool]:
+    """The stage's summary made to agree with the files: (summary, changed)."""
+    summary = progress.StageSummary(stage, shards) if full else progress.load(run.progress(stage), stage, shards)
+    listed = np.zeros(shards, bool)
+    committed = [s for s in run.committed(stage) if s < shards]
+    listed[committed] = True
+    known = np.unpackbits(np.frombuffer(bytes(summary.done), np.uint8), bitorder="little")[:shards].astype(bool)
+    changed = False
+    if summary.dirty or (known & ~listed).any():  # counts of files that are gone: start again from the files
+        summary, known, changed = progress.StageSummary(stage, shards), np.zeros(shards, bool), True
+    if manifest is not None and not summary.failed:  # runs from before progress/ existed: failures in the manifest
+        for name, e in manifest.get("stages", {}).get(stage, {}).get("shards", {}).items():
+            if e.get("status") == "failed":
+                summary.fail(name, e.get("error", ""))
+    for shard in np.flatnonzero(listed & ~known):
+        name = shard_name(int(shard))
+        rows, urls, error = stage_counts(run, stage, int(shard))
+        summary.add(int(shard), name, rows, urls)
+        if error:
+            summary.fail(name, error)
+        changed = True
+    return summary, changed
+
+
+def stage_counts(run: RunDir, stage: str, shard: int) -> tuple[Counter, Counter | None, str | None]:
+    """(rows by outcome, input URLs by outcome for the download stage, error) of one committed shard, from its
+    files; an unreadable output counts as one "unreadable output" row, its URLs as unreadable_output."""
+    try:
+        rows = _reasons(run, stage, shard)
+    except (OSError, pa.ArrowException) as e:
+        n = _shard_size(run, shard)
+        return (Counter({"unreadable output": 1}), Counter({"unreadable_output": n}) if stage == "download" else None,
+                f"cannot read {run.output(stage, shard)}: {e}")
+    return rows, (rows if stage == "download" else None), None
+
+
+def run_status(run: RunDir, full: bool = False) -> dict:
+    plan = read_plan(run)
+    n = plan["shards"]
+    manifest = run.load_manifest() if full or not exists(run.progress("download")) else None
     urls = Counter()
     stages = {}
-    snapshot = run.load_snapshot() or {}
-    for stage in ORDER:
-        if stage == "regions" and not snapshot.get("regions"):
-            continue  # not configured for this run
-        info = {"shards_done": 0, "shards_failed": 0, "shards_pending": 0, "rows": Counter(), "failed": {}}
-        entries = manifest.get("stages", {}).get(stage, {}).get("shards", {})
-        for shard in shards:
-            name = shard_name(shard)
-            if run.is_done(stage, shard):
-                info["shards_done"] += 1
-                try:
-                    info["rows"].update(_reasons(run, stage, shard))
-                except (OSError, pa.ArrowException) as e:
-                    info["rows"]["unreadable output"] += 1
-                    info["failed"][name] = f"cannot read {run.output(stage, shard)}: {e}"
-            elif entries.get(name, {}).get("status") == "failed":
-                info["shards_failed"] += 1
-                info["failed"][name] = entries[name].get("error", "")
-            else:
-                info["shards_pending"] += 1
-            if stage == "download":
-                urls.update(_url_outcomes(run, shard, entries.get(name, {})))
-        info["rows"] = dict(sorted(info["rows"].items()))
-        stages[STAGE_DIRS[stage]] = info
+    for stage in status_stages(run):
+        summary, _ = reconcile(run, stage, n, full, manifest)
+        done = summary.n_done()
+        failed = {k: v for k, v in sorted(summary.failed.items()) if not summary.is_done(int(k))}
+        stages[STAGE_DIRS[stage]] = {"shards_done": done, "shards_failed": len(failed),
+                                     "shards_pending": n - done - len(failed),
+                                     "rows": dict(sorted(summary.rows.items())),
+                                     "failed": dict(sorted(summary.failed.items()))}  # + unreadable outputs
+        if stage == "download":
+            urls.update(summary.urls)
+            sizes = _sizes(plan, run)
+            for shard in range(n):
+                if not summary.is_done(shard):
+                    urls["shard_failed" if shard_name(shard) in failed else "not_downloaded_yet"] += sizes(shard)
     total = plan["rows"]
-    return {"run": run.root, "shards": len(shards), "urls": total,
+    return {"run": run.root, "shards": n, "urls": total,
             "accounting": dict(sorted(urls.items(), key=lambda kv: (kv[0] != OK, -kv[1], kv[0]))),
             "accounted": sum(urls.values()) == total, "stages": stages}
 
 
-def _url_outcomes(run: RunDir, shard: int, entry: dict) -> Counter:
-    n = run.shard_rows(shard).num_rows
-    if run.is_done("download", shard):
-        try:
-            return _download_reasons(run, shard)
-        except (OSError, pa.ArrowException):
-            return Counter({"unreadable_output": n})
-    return Counter({"shard_failed" if entry.get("status") == "failed" else "not_downloaded_yet": n})
+def _sizes(plan: dict, run: RunDir):
+    """Rows of a shard's input: shard_size each, the last one the rest (pipeline.download.plan_shards)."""
+    n, rows, size = plan["shards"], plan["rows"], plan.get("shard_size")
+    if not size:
+        return lambda shard: run.shard_rows(shard).num_rows
+    return lambda shard: size if shard < n - 1 else rows - size * (n - 1)
+
+
+def _shard_size(run: RunDir, shard: int) -> int:
+    try:
+        return _sizes(read_plan(run), run)(shard)
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def _download_reasons(run: RunDir, shard: int) -> Counter:

@@ -20,24 +20,25 @@ def plan(cfg, run_root: str | None = None) -> dict:
     """Shards, evaluation spec, output folder and data-epoch size for a TrainSection (in a run or alone)."""
     from model.data import expand_shards
     from model.train import EvalSpec, TrainConfigError
+    from pipeline.storage import exists, parquet_rows
 
     if not cfg.shards and not run_root:
         raise TrainConfigError("train.shards is empty and there is no run directory to take export/*.tar from")
-    shards = expand_shards(cfg.shards or [f"{run_root}/export/*.tar"])
+    from .rundir import RunDir
+
+    run = RunDir(run_root) if run_root else None
+    shards = expand_shards(cfg.shards or [run.export_shards()])
     eval_urls = expand_shards(cfg.eval_shards) if cfg.eval_shards else shards
-    truth = None
-    if run_root and Path(run_root, "synth", "truth.parquet").exists():
-        truth = str(Path(run_root, "synth", "truth.parquet"))
-    out = cfg.out or (f"{run_root}/models/{cfg.model}" if run_root else None)
+    truth = run.truth() if run else None
+    out = cfg.out or (run.models(cfg.model) if run else None)
     if not out:
         raise TrainConfigError("train.out is not set (where checkpoints go)")
     epoch_samples = None
-    index = Path(run_root or "", "export", "index.parquet")
-    if run_root and index.exists():
-        import pyarrow.parquet as pq
+    index = run.path("export", "index.parquet") if run else None
+    if index and exists(index):
         world = max(cfg.processes, cfg.ray_workers, 1)
         # a resampled stream's "epoch" only sets how often the loader restarts: at least 50 batches
-        epoch_samples = max(pq.read_metadata(index).num_rows // world, 50 * cfg.batch_size // world)
+        epoch_samples = max(parquet_rows(index) // world, 50 * cfg.batch_size // world)
     spec = EvalSpec(eval_urls, where=cfg.eval_where, truth=truth, phrases=cfg.eval_phrases, image_size=cfg.image_size,
                     k_chunks=cfg.k_chunks)
     return {"shards": shards, "eval": spec, "out": out, "epoch_samples": epoch_samples}
@@ -128,10 +129,11 @@ def train_on_ray(cfg, p: dict) -> dict:
     except DeprecationWarning:  # Ray Train v2: the controller takes no CPU
         scaling = ScalingConfig(num_workers=cfg.ray_workers, use_gpu=gpu, resources_per_worker=per_worker)
     out = str(Path(p["out"]).resolve()) if "://" not in p["out"] else p["out"]
+    storage = str(Path(out, "ray").resolve()) if "://" not in out else f"{out}/ray"
     conf = {"cfg": cfg.model_dump(mode="json"), "shards": p["shards"], "out": out, "gpu": gpu,
             "eval": asdict(p["eval"]) if p["eval"] else None, "epoch_samples": p["epoch_samples"]}
     trainer = TorchTrainer(_ray_loop, train_loop_config=conf, scaling_config=scaling,
-                           run_config=RunConfig(name="longcap-train", storage_path=str(Path(out, "ray").resolve())))
+                           run_config=RunConfig(name="longcap-train", storage_path=storage))
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"Ray Train failed: {result.error}")
@@ -142,11 +144,14 @@ def summary_from_files(out: str) -> dict:
     """The result of a training run from what it wrote (metrics.jsonl, the latest checkpoint)."""
     from model.checkpoint import latest
 
-    rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines() if x.strip()]
+    import fsspec
+
+    with fsspec.open(f"{out}/metrics.jsonl", "r") as f:
+        rows = [json.loads(x) for x in f.read().splitlines() if x.strip()]
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval" in r]
     last = steps[-1] if steps else {}
     ck = latest(out)
-    return {"step": last.get("step"), "last": last, "out": out, "checkpoint": str(ck) if ck else None,
+    return {"step": last.get("step"), "last": last, "out": out, "checkpoint": ck,
             "eval": evals[-1]["eval"] if evals and evals[-1]["step"] == last.get("step") else None,
             "stopped": False}

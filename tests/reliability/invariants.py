@@ -69,12 +69,13 @@ def tar_members(path: Path) -> list[str]:
 
 def content_hashes(run_dir: Path) -> dict[str, str]:
     """sha256 of every stage output's content: parquet rows sorted by their id (time columns left out),
-    each tar member, other files (plan.json without its input paths). Not hashed: run.yaml (holds run.dir), manifest.json and img2dataset's
+    each tar member, other files (plan.json without its input paths). Not hashed: run.yaml (holds run.dir), manifest.json,
+    progress/ (bookkeeping, like the manifest) and img2dataset's
     *_stats.json (timings), the synthetic world (the input)."""
     out = {}
     for f in sorted(run_dir.rglob("*")):
         rel = f.relative_to(run_dir).as_posix()
-        if not f.is_file() or rel.startswith(("synth/", "models/")) or f.name.endswith("_stats.json") \
+        if not f.is_file() or rel.startswith(("synth/", "models/", "progress/")) or f.name.endswith("_stats.json") \
                 or rel in ("run.yaml", "manifest.json"):
             continue
         h = hashlib.sha256()
