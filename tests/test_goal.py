@@ -330,8 +330,8 @@ def test_a_bad_model_change_is_refused_by_name(tmp_path, capsys):
     for changes, word in (({"long_text": "sideways"}, "long_text"), ({"colour": 1}, "unknown model config fields"),
                           ({"pretrained": str(tmp_path / "missing.pt")}, "goal-tiny")):
         path = tmp_path / "bad.yaml"
-        path.write_text(yaml.safe_dump(tiny_train(model="goal-tiny", shards=[str(tmp_path / "none.tar")],
-                                                  out=str(tmp_path / "o"), model_changes=changes).model_dump(mode="json")))
+        cfg = tiny_train(model="goal-tiny", shards=[str(tmp_path / "none.tar")], out=str(tmp_path / "o"))
+        path.write_text(yaml.safe_dump({**cfg.model_dump(mode="json"), "model_changes": changes}))
         assert main(["train", str(path)]) == 2
         err = capsys.readouterr().err
         assert word in err and "Traceback" not in err, err
