@@ -48,6 +48,17 @@ def _serve(folder: str, q) -> None:
             time.sleep(3600)
 
 
+def serve_images(n: int, prefix: str, timeout: float = 60):
+    """n JPEGs of 384 px in a temp folder, served on 127.0.0.1 by a spawned process: (folder, base URL, process)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    make_images(work / "www", n, 384)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    server = ctx.Process(target=_serve, args=(str(work / "www"), q), daemon=True)
+    server.start()
+    return work, q.get(timeout=timeout), server
+
+
 def run_img2dataset(url_list: str, out: str, procs: int, threads: int, shard: int, image_size: int) -> dict:
     from img2dataset import download
 
@@ -192,13 +203,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="longcap-bench-"))
-    make_images(work / "www", args.images, 384)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    server = ctx.Process(target=_serve, args=(str(work / "www"), q), daemon=True)
-    server.start()
-    base = q.get(timeout=30)
+    work, base, server = serve_images(args.images, "longcap-bench-", timeout=30)
     urls = [f"{base}/{i:06d}.jpg" for i in range(args.images)]
     pq.write_table(pa.table({"url": urls}), work / "urls.parquet")
 

@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
-import multiprocessing as mp
 import pstats
 import sys
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # an installed package may also be called `benchmarks`
-from download_bench import _serve, make_images  # noqa: E402
+from download_bench import serve_images  # noqa: E402
 
 
 def plain(rows: pa.Table, out: Path, shard_id: int, cfg) -> None:
@@ -60,13 +58,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="longcap-prof-"))
-    make_images(work / "www", args.images, 384)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    server = ctx.Process(target=_serve, args=(str(work / "www"), q), daemon=True)
-    server.start()
-    base = q.get(timeout=60)
+    work, base, server = serve_images(args.images, "longcap-prof-")
     rows = pa.table({"url": [f"{base}/{i:06d}.jpg" for i in range(args.images)]})
     cfg = DownloadSection(image_size=args.size, threads=args.threads, timeout=10, encode_quality=95,
                           allow_networks=["127.0.0.1/32"])
