@@ -45,6 +45,9 @@ class RaySection(Strict):
     shard_retries: int = Field(2, ge=0, description="extra attempts for a shard whose task fails")
     download_tasks: Optional[int] = Field(None, ge=1, description="download shards in flight (default: CPUs)")
     captions_actors: int = Field(1, ge=1, description="captions actors (each loads every captioner's model once)")
+    captions_runtime_env: Optional[dict[str, Any]] = Field(
+        None, description="Ray runtime_env of the captions actors alone, e.g. {py_executable: /opt/vllm/bin/python}: "
+        "the captioners run in another Python environment (another vLLM release) while the rest stays here")
 
 
 class SyntheticSection(Strict):

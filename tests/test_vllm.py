@@ -53,7 +53,7 @@ def read_rows(folder):
 @pytest.mark.timeout(900)
 def test_vllm_backend_in_a_captions_actor_in_its_own_env(ray_session, tiny_vlm, tmp_path):
     """Download in longcap's env; caption every shard in a Ray actor whose Python is the vLLM env's."""
-    from workflows.runner import _StageActor
+    from workflows.runner import _StageActor, actor_options
 
     run = tmp_path / "run"
     (tmp_path / "dl.yaml").write_text(yaml.safe_dump(demo_config(run)))
@@ -69,9 +69,11 @@ def test_vllm_backend_in_a_captions_actor_in_its_own_env(ray_session, tiny_vlm, 
                            "generation": {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95},
                            "engine_args": {"max_model_len": 512, "enforce_eager": True}}]
     data["prompts"] = {k: v.model_dump() for k, v in PROMPTS.items()}
+    data.setdefault("ray", {})["captions_runtime_env"] = {"py_executable": str(VLLM_PY), "env_vars": VLLM_CPU_ENV}
     cfg = load_config(data=data)
-    actor = _StageActor.options(num_cpus=1, runtime_env={"py_executable": str(VLLM_PY), "env_vars": VLLM_CPU_ENV}
-                                ).remote("captions", cfg, str(run), None)
+    opts = actor_options("captions", cfg)  # the options the runner starts captions actors with
+    assert opts["runtime_env"]["py_executable"] == str(VLLM_PY) and "runtime_env" not in actor_options("regions", cfg)
+    actor = _StageActor.options(**opts).remote("captions", cfg, str(run), None)
     import ray
 
     import torch

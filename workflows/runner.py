@@ -81,6 +81,14 @@ class _StageActor:
         return run_worker(self.worker, shard, self.stage)
 
 
+def actor_options(stage: str, cfg: Config) -> dict:
+    """Ray options of one model-stage actor: one CPU, its GPUs, and for captions `ray.captions_runtime_env`."""
+    opts = {"num_cpus": 1, "num_gpus": actor_gpus(stage, cfg)}
+    if stage == "captions" and cfg.ray.captions_runtime_env:
+        opts["runtime_env"] = cfg.ray.captions_runtime_env
+    return opts
+
+
 def actor_gpus(stage: str, cfg: Config) -> float:
     """GPUs one actor of a model stage reserves (its worker's num_gpus(cfg); 0 if it has none)."""
     return getattr(WORKERS[stage], "num_gpus", lambda cfg: 0)(cfg)
@@ -254,8 +262,7 @@ class Runner:
                             actor = None
                         else:
                             if not actors[stage] and live_actors[stage] < max_actors.get(stage, 1):
-                                gpus = actor_gpus(stage, self.cfg)
-                                actors[stage].append(_StageActor.options(num_cpus=1, num_gpus=gpus).remote(
+                                actors[stage].append(_StageActor.options(**actor_options(stage, self.cfg)).remote(
                                     stage, self.cfg, self.run.root, base_url))
                                 live_actors[stage] += 1
                             if not actors[stage]:
