@@ -135,8 +135,12 @@ class Metrics:
 
     def __init__(self, out: str, enabled: bool, tensorboard: bool):
         self.enabled, self.path, self.tb = enabled, f"{out}/metrics.jsonl", None
-        if enabled and tensorboard:
-            try:  # an s3:// (any fsspec) folder goes through TensorBoard's own gfile, which uses fsspec
+        if enabled and tensorboard and "://" in str(out) and not str(out).startswith("file://"):
+            # TensorBoard's gfile talks to object storage with its own client, not fsspec's options (seen
+            # failing against an S3 endpoint that fsspec reached): off there; metrics.jsonl has the same values
+            log.warning("TensorBoard logging off for %s (object storage); metrics.jsonl has every value", out)
+        elif enabled and tensorboard:
+            try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(f"{out}/tensorboard")
             except ImportError as e:
@@ -295,7 +299,7 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
             it = batches(epoch)
 
     metrics = Metrics(out, rank == 0, cfg.tensorboard)
-    keys_log = out / f"keys-rank{rank}.jsonl" if cfg.record_keys else None
+    keys_log = f"{out}/keys-rank{rank}.jsonl" if cfg.record_keys else None
     stop = _StopFlag()
     it = batches(epoch)
     for _ in range(micro):  # resume: the same stream, at the same place
@@ -311,7 +315,7 @@ def _train(cfg, shards, out, eval_spec, device, cuda, rank, world, local_rank, p
                 batch = draw()
                 data_s += time.time() - t0
                 if keys_log:
-                    with open(keys_log, "a") as f:
+                    with fsspec.open(keys_log, "a") as f:
                         f.write(json.dumps({"step": step + 1, "epoch": epoch, "micro": micro, "rank": rank,
                                             "keys": list(batch.get("keys", []))}) + "\n")
                 sync = net.no_sync() if world > 1 and a < cfg.accum - 1 else contextlib.nullcontext()
