@@ -66,13 +66,14 @@ def test_vllm_backend_in_a_captions_actor_in_its_own_env(ray_session, tiny_vlm, 
 
     data = demo_config(run)
     data["captioners"] = [{"name": "vl", "backend": "vllm", "model": str(tiny_vlm), "prompts": ["long", "short"],
+                           "gpus": 0,  # vLLM's CPU build: no GPU for the actor to reserve (default: tensor_parallel_size)
                            "generation": {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95},
                            "engine_args": {"max_model_len": 512, "enforce_eager": True}}]
     data["prompts"] = {k: v.model_dump() for k, v in PROMPTS.items()}
     data.setdefault("ray", {})["captions_runtime_env"] = {"py_executable": str(VLLM_PY), "env_vars": VLLM_CPU_ENV}
     cfg = load_config(data=data)
     opts = actor_options("captions", cfg)  # the options the runner starts captions actors with
-    assert opts["runtime_env"]["py_executable"] == str(VLLM_PY)
+    assert opts["runtime_env"]["py_executable"] == str(VLLM_PY) and opts["num_gpus"] == 0
     actor = _StageActor.options(**opts).remote("captions", cfg, str(run), None)
     import ray
 
