@@ -234,5 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
+READ_ONLY = ("status", "config", "model-info")
+
+
+def entry() -> None:
+    """The `longcap` program. Read-only commands leave with os._exit once their output is flushed: at
+    interpreter teardown a native thread pool (pyarrow's, after `status --full` read every shard) was seen to
+    abort the process with 'terminate called without an active exception' (exit 134) in about 4 of 10 parallel
+    runs. Commands that start Ray or write a run exit normally, so their atexit handlers run."""
+    rc = main()
+    if len(sys.argv) > 1 and sys.argv[1] in READ_ONLY:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc if isinstance(rc, int) else 1)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
