@@ -142,6 +142,21 @@ def test_clean_stale_removes_leftovers_of_killed_writers(tmp_path):
     assert not (tmp_path / "images" / "_staging").exists()
 
 
+def test_drop_staging_removes_what_killed_attempts_of_committed_shards_left(tmp_path):
+    """A download attempt killed with its node leaves images/_staging/<shard>-<id>/; once the shard is committed
+    (by a retry) the leftover goes, while a shard still being downloaded keeps its folder."""
+    from workflows.rundir import RunDir
+
+    staging = tmp_path / "images" / "_staging"
+    for name in ["00000-11552ba8", "00002-88d29ef5", "00003-0badf00d"]:
+        (staging / name).mkdir(parents=True)
+        (staging / name / "input.arrow").write_text("x")
+    RunDir(tmp_path).drop_staging({0, 1, 2})
+    assert sorted(p.name for p in staging.iterdir()) == ["00003-0badf00d"]
+    RunDir(tmp_path).drop_staging({0, 1, 2, 3})
+    assert not staging.exists() and (tmp_path / "images").is_dir()
+
+
 def test_status_from_progress_summaries_equals_a_full_recount(clean_run, tmp_path, capsys):
     import shutil
 
@@ -198,3 +213,24 @@ def test_read_only_commands_exit_cleanly_when_run_many_times_in_parallel(clean_r
         results = list(pool.map(once, [c for c in commands for _ in range(10)]))
     bad = [r for r in results if r[1] != 0 or "terminate called" in r[2]]
     assert bad == [], bad
+
+
+def test_actors_never_hold_the_last_cpu_while_shard_tasks_wait():
+    """The rule behind a CI hang: on 2 CPUs a captions and a regions actor held both, while download and
+    sentences tasks (which they wait for) could never start. An actor is not started, and an idle one is let go,
+    when actors would hold every CPU and a task stage has work."""
+    import time
+    from workflows.runner import Runner
+
+    r = object.__new__(Runner)
+    r.stages = ["download", "captions", "sentences", "regions", "export"]
+    r._cpus_at = (time.time(), 2.0)
+    none = {s: [] for s in r.stages}
+    downloads_left = dict(none, download=[3, 4])
+    assert not r._starves_tasks(1, downloads_left, {})  # the captions actor: one CPU stays for tasks
+    assert r._starves_tasks(2, downloads_left, {})  # + a regions actor: none would
+    assert r._starves_tasks(2, none, {"ref": ("sentences", 0, None)})  # a sentences task in flight needs one too
+    assert not r._starves_tasks(2, none, {"ref": ("captions", 0, object())})  # only actors have work: both may run
+    assert not r._starves_tasks(2, dict(none, captions=[5]), {})
+    r._cpus_at = (time.time(), 4.0)
+    assert not r._starves_tasks(2, downloads_left, {}) and r._starves_tasks(4, downloads_left, {})

@@ -125,13 +125,21 @@ class RunDir:
             self.fs.rm(staging, recursive=True)
         return n
 
-    def drop_empty_staging(self) -> None:
-        """After the download loop: remove images/_staging when no shard is being downloaded into it."""
+    def drop_staging(self, committed: set[int]) -> None:
+        """After the download loop: remove the staging folders of committed shards (what an attempt killed with its
+        node left behind: the shard was then downloaded again), then images/_staging itself when empty. Folders of
+        shards not committed stay (another process on the same run may be downloading into them)."""
         staging = f"{self._path}/images/_staging"
         try:
-            if self.fs.exists(staging) and not self.fs.ls(staging):
+            if not self.fs.exists(staging):
+                return
+            for folder in self.fs.ls(staging, detail=False):
+                name = folder.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[0]
+                if name.isdigit() and int(name) in committed:
+                    self.fs.rm(folder, recursive=True)
+            if not self.fs.ls(staging, detail=False):
                 self.fs.rmdir(staging)
-        except OSError:  # refilled meanwhile (another process on the same run): leave it
+        except (OSError, FileNotFoundError):  # refilled or removed meanwhile (another process on the same run)
             pass
 
     # ---------------------------------------------------------------- config snapshot

@@ -205,7 +205,7 @@ class Runner:
         need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
         with (serve_folder(self.run.serve_dir(self.cfg)) if need_server else contextlib.nullcontext()) as base:
             self._loop(shards, pending, base, result)
-        self.run.drop_empty_staging()
+        self.run.drop_staging(self._committed("download"))
         if "export" in self.stages:
             n = write_export_index(self.run, all_shards)
             if n is not None:
@@ -230,8 +230,23 @@ class Runner:
             how = "cached" if trained["cached"] else f"trained in {trained['seconds']} s"
             print(f"detector mAP50 on synthetic validation: {trained['map50']:.3f} ({how})", flush=True)
 
+    def _cpus(self) -> float:
+        """The cluster's CPUs, asked at most every 5 s (nodes join and die during a run)."""
+        if time.time() - self._cpus_at[0] > 5:
+            self._cpus_at = (time.time(), ray.cluster_resources().get("CPU", 1))
+        return self._cpus_at[1]
+
+    def _starves_tasks(self, actor_cpus: int, pending, inflight) -> bool:
+        """Whether actors holding `actor_cpus` CPUs (one each) leave no CPU to shard tasks that have work.
+        Without this rule a 2-CPU Ray deadlocks: a captions and a regions actor hold both CPUs, waiting for
+        download and sentences tasks that can never start."""
+        busy = {v[0] for v in inflight.values()}
+        work = any(WORKERS[s].kind == "task" and (pending[s] or s in busy) for s in self.stages)
+        return work and actor_cpus > self._cpus() - 1
+
     def _loop(self, shards, pending, base_url, result: RunResult) -> None:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self._cpus_at = (0.0, 1.0)
+        cpus = int(self._cpus())
         for stage in self.stages:  # a local Ray cannot grow: an actor it cannot place would wait forever
             need, have = actor_gpus(stage, self.cfg), ray.cluster_resources().get("GPU", 0)
             if need > have and self.cfg.ray.address is None and not set(shards) <= self._committed(stage):
@@ -261,7 +276,8 @@ class Runner:
                             ref = _shard_task.options(num_cpus=1).remote(stage, self.cfg, self.run.root, base_url, shard)
                             actor = None
                         else:
-                            if not actors[stage] and live_actors[stage] < max_actors.get(stage, 1):
+                            if (not actors[stage] and live_actors[stage] < max_actors.get(stage, 1)
+                                    and not self._starves_tasks(sum(live_actors.values()) + 1, pending, inflight)):
                                 actors[stage].append(_StageActor.options(**actor_options(stage, self.cfg)).remote(
                                     stage, self.cfg, self.run.root, base_url))
                                 live_actors[stage] += 1
@@ -280,6 +296,11 @@ class Runner:
                             ray.kill(a, no_restart=True)
                         live_actors[stage] -= len(actors[stage])
                         actors[stage].clear()
+                for stage in self.stages:  # tasks waiting for a CPU that idle actors hold: the idle ones go
+                    if actors[stage] and not pending[stage] and self._starves_tasks(sum(live_actors.values()),
+                                                                                    pending, inflight):
+                        ray.kill(actors[stage].pop(), no_restart=True)
+                        live_actors[stage] -= 1
                 if not inflight:
                     break
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
@@ -324,9 +345,8 @@ class Runner:
         finally:
             for b in bars.values():
                 b.close()
-            for stage, pool in actors.items():
-                for a in pool:
-                    ray.kill(a, no_restart=True)
+            for a in [a for pool in actors.values() for a in pool] + [v[2] for v in inflight.values() if v[2]]:
+                ray.kill(a, no_restart=True)  # in-flight ones too: an interrupted run leaves no actor holding CPUs
         for stage in self.stages:
             if stage in started:
                 st = self.manifest["stages"].setdefault(stage, {"shards": {}})
