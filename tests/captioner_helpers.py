@@ -99,3 +99,39 @@ class Serve:
             os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the server and nothing else
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+def caption_through_a_restart(entry, prompts: dict, meta, tar, server: Serve, *, first_s: float = 60,
+                              start_timeout: float = 120, join_s: float = 120) -> tuple[int, list[dict]]:
+    """Caption one shard through the openai backend in a thread; SIGKILL the server once 3 requests are
+    answered, start it again, let the shard finish. (requests answered before the kill, the shard's rows)."""
+    import threading
+
+    from pipeline.config import QualitySection
+    from pipeline.openai_captioner import OpenAICaptioner
+
+    done = []
+
+    class Counting(OpenAICaptioner):
+        async def post(self, client, body):
+            res = await super().post(client, body)
+            done.append(res)
+            return res
+
+    cap = Counting(entry, prompts, QualitySection())
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(table=cap.caption_shard(meta, tar)), daemon=True)
+    try:
+        worker.start()
+        deadline = time.time() + first_s
+        while len(done) < 3 and time.time() < deadline:
+            time.sleep(0.005)
+        server.stop()  # SIGKILL to the server's process group, mid-shard
+        killed_at = len(done)
+        time.sleep(1.0)
+        server.start(timeout=start_timeout)
+        worker.join(timeout=join_s)
+    finally:
+        if server.proc is None:  # the module's server: leave it running
+            server.start(timeout=start_timeout)
+    return killed_at, out["table"].to_pylist()

@@ -17,7 +17,7 @@ from pipeline.captions import build_captioner
 from pipeline.openai_captioner import OpenAICaptioner, ServerUnavailable
 from workflows.cli import main
 
-from captioner_helpers import Serve, jpeg, tiny_vlm, write_shard  # noqa: F401  (fixture)
+from captioner_helpers import Serve, caption_through_a_restart, jpeg, tiny_vlm, write_shard  # noqa: F401  (fixture)
 from conftest import demo_config
 
 PROMPTS = {"long": PromptSection(text="Describe this image in detail."),
@@ -169,35 +169,11 @@ def test_transformers_serve_drives_the_openai_backend(serve, tmp_path):
 
 @pytest.mark.slow
 def test_server_killed_mid_shard_then_back_the_shard_completes(serve, tiny_vlm, tmp_path):
-    done = []
-
-    class Counting(OpenAICaptioner):
-        async def post(self, client, body):
-            res = await super().post(client, body)
-            done.append(res)
-            return res
-
     meta, tar = shard(tmp_path, n=8)
-    server = serve
-    cap = Counting(entry(server.base_url, model=str(tiny_vlm), max_in_flight=2, retries=30, backoff=0.2,
-                         backoff_max=2, generation={"max_new_tokens": 48}), PROMPTS, QualitySection())
-    out = {}
-    worker = threading.Thread(target=lambda: out.update(table=cap.caption_shard(meta, tar)), daemon=True)
-    try:
-        worker.start()
-        deadline = time.time() + 60
-        while len(done) < 3 and time.time() < deadline:
-            time.sleep(0.005)
-        server.stop()  # SIGKILL, mid-shard
-        killed_at = len(done)
-        time.sleep(1.0)
-        server.start()
-        worker.join(timeout=120)
-    finally:
-        if server.proc is None:  # the module's server: leave it running
-            server.start()
+    entry_ = entry(serve.base_url, model=str(tiny_vlm), max_in_flight=2, retries=30, backoff=0.2, backoff_max=2,
+                   generation={"max_new_tokens": 48})
+    killed_at, rows = caption_through_a_restart(entry_, PROMPTS, meta, tar, serve)
     assert 3 <= killed_at < 16, "the kill did not land mid-shard"
-    rows = out["table"].to_pylist()
     assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
 
 

@@ -8,8 +8,6 @@ Ray's driver and the download stage stay in longcap's env. One engine start per 
 import io
 import json
 import tarfile
-import threading
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,10 +15,9 @@ import yaml
 
 from pipeline.captions import build_captioner
 from pipeline.config import CaptionerSection, PromptSection, QualitySection, load_config
-from pipeline.openai_captioner import OpenAICaptioner
 from workflows.cli import main
 
-from captioner_helpers import jpeg, tiny_vlm, write_shard  # noqa: F401  (fixture)
+from captioner_helpers import caption_through_a_restart, jpeg, tiny_vlm, write_shard  # noqa: F401  (fixture)
 from conftest import demo_config
 from vllm_helpers import VLLM_CPU_ENV, VLLM_PY, VLLMServe, require_vllm_env
 
@@ -154,34 +151,11 @@ def test_vllm_serve_drives_the_openai_backend_like_hf_greedy(vllm_serve, tiny_vl
 
 @pytest.mark.timeout(1200)
 def test_vllm_serve_killed_mid_shard_then_back_the_shard_completes(vllm_serve, tmp_path):
-    done = []
-
-    class Counting(OpenAICaptioner):
-        async def post(self, client, body):
-            res = await super().post(client, body)
-            done.append(res)
-            return res
-
     meta, tar = write_shard(tmp_path, {f"{i:04d}": jpeg((30 * i, 100, 255 - 30 * i)) for i in range(8)})
-    server = vllm_serve
     # retries for ~13 min: a restart of the engine takes minutes on this loaded 2-core machine
-    cap = Counting(openai_entry(server, max_in_flight=1, retries=400, backoff=0.5, backoff_max=2,
-                                generation={"max_new_tokens": 48, "temperature": 0.0}), PROMPTS, QualitySection())
-    out = {}
-    worker = threading.Thread(target=lambda: out.update(table=cap.caption_shard(meta, tar)), daemon=True)
-    try:
-        worker.start()
-        deadline = time.time() + 120
-        while len(done) < 3 and time.time() < deadline:
-            time.sleep(0.005)
-        server.stop()  # SIGKILL to the server's process group (API server and engine core), mid-shard
-        killed_at = len(done)
-        time.sleep(1.0)
-        server.start(timeout=300)
-        worker.join(timeout=600)
-    finally:
-        if server.proc is None:  # the module's server: leave it running
-            server.start(timeout=300)
+    entry = openai_entry(vllm_serve, max_in_flight=1, retries=400, backoff=0.5, backoff_max=2,
+                         generation={"max_new_tokens": 48, "temperature": 0.0})
+    killed_at, rows = caption_through_a_restart(entry, PROMPTS, meta, tar, vllm_serve, first_s=120,
+                                                start_timeout=300, join_s=600)
     assert 3 <= killed_at < 16, "the kill did not land mid-shard"
-    rows = out["table"].to_pylist()
     assert len(rows) == 16 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
