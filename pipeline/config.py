@@ -474,11 +474,12 @@ class Config(Strict):
                        for n in self.download.allow_networks):
                 raise ValueError("input.synthetic / input.serve_dir serve images from 127.0.0.1, which is blocked "
                                  "by default: opt in with download.allow_networks: [127.0.0.1/32]")
-        if self.regions is not None and "stages" not in self.run.model_fields_set and "regions" not in self.run.stages:
+        explicit = "stages" in self.run.model_fields_set  # (an assignment below adds it)
+        if self.regions is not None and not explicit and "regions" not in self.run.stages:
             self.run.stages = [s for s in STAGES if s in self.run.stages or s == "regions"]
         if self.regions is None and "regions" in self.run.stages:
             raise ValueError("run.stages has 'regions' but there is no regions section")
-        if self.dedup is not None and "stages" not in self.run.model_fields_set and "dedup" not in self.run.stages:
+        if self.dedup is not None and not explicit and "dedup" not in self.run.stages:
             self.run.stages = [s for s in STAGES if s in self.run.stages or s == "dedup"]
         if self.dedup is None and "dedup" in self.run.stages:
             raise ValueError("run.stages has 'dedup' but there is no dedup section")

@@ -170,6 +170,11 @@ def test_demo_world_run_accounts_for_duplicates_and_contamination(tmp_path, ray_
     text = format_status(st)
     assert "8 kept, 2 duplicate(s), 1 same bytes, 1 same url; 1 contaminated, 1 by synth-heldout" in text
     assert st["repeated_captions"] == {"min_images": 3, "texts": 0, "images": 0}
+    from workflows.report import Ctx, sec_dedup
+
+    html = sec_dedup(Ctx(RunDir(str(run_dir)), list(range(4))))
+    assert '<tr><td>synth-heldout</td><td class="n">1</td></tr>' in html
+    assert '<tr><td>duplicate: same url</td><td class="n">1</td></tr>' in html
     index = pa.concat_tables([read_table(p) for p in RunDir(str(run_dir)).glob("export/0000?.parquet")])
     why = {r["url"]: r["reasons"] for r in index.to_pylist() if not r["exported"]}
     assert why["images/evalset-copy.jpg"][0].startswith("contaminated: synth-heldout (near duplicate of synth-heldout/e0000.jpg")
@@ -177,3 +182,40 @@ def test_demo_world_run_accounts_for_duplicates_and_contamination(tmp_path, ray_
     assert sorted(r["exported"] for r in first) == [False, True]
     assert any(r.startswith("duplicate: same url, duplicate_of ") for r in why["images/f0000_v0.jpg"])
     assert index.num_rows == 14
+
+
+def test_repeated_captions_are_flagged_with_their_count(tmp_path):
+    from pipeline.dedup_stage import caption_digest
+    from workflows.stages import write_repeated_captions
+
+    run = RunDir(str(tmp_path / "run"))
+    boiler, other = "The image shows a scene.", "A red circle above a blue square."
+    texts = {"k1": boiler, "k2": "the  image shows a SCENE.", "k3": boiler, "k4": other}
+    atomic_write_table(run.path("sentences", "00000.parquet"),
+                       pa.Table.from_pylist([{"key": k, "text": t} for k, t in texts.items()]))
+    index = pa.Table.from_pylist([{"key": k, "shard": "00000", "caption_digests": [caption_digest(t)]}
+                                  for k, t in texts.items()])
+    counts = write_repeated_captions(run, index, 3)
+    assert counts == [3, 3, 3, 1]
+    doc = json.loads(open(run.repeated_captions()).read())
+    assert doc["texts"] == 1 and doc["images"] == 3
+    assert doc["repeated"][0]["images"] == 3 and doc["repeated"][0]["text"] == boiler
+
+
+def test_evalset_kinds_are_the_readers_of_model_evalsets(tmp_path):
+    from model import evalsets
+    from pipeline.config import ConfigError, EVALSET_KINDS
+
+    assert set(EVALSET_KINDS) == {"folder", *evalsets.RETRIEVAL_SETS, *evalsets.REFER_SETS}
+    with pytest.raises(ConfigError, match="duplicate evaluation set names"):
+        _cfg(tmp_path, evalsets=[{"name": "a", "path": "x"}, {"name": "a", "path": "y"}])
+    with pytest.raises(ConfigError, match="run.stages has 'dedup' but there is no dedup section"):
+        load_config(data=demo_config(tmp_path, **{"run.stages": ["download", "dedup"]}))
+    urban = tmp_path / "urban"
+    (urban / "image").mkdir(parents=True)
+    (urban / "caption").mkdir()
+    Image.new("RGB", (8, 8)).save(urban / "image" / "1.jpg")
+    (urban / "caption" / "1.txt").write_text("a caption")
+    from pipeline.dedup_stage import evalset_images
+
+    assert evalset_images(str(urban), "urban-1k") == [("image/1.jpg", str(urban / "image" / "1.jpg"))]
