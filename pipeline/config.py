@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .images import MAX_PIXELS
 
-STAGES = ("download", "captions", "sentences", "regions", "export")
-DEFAULT_STAGES = ("download", "captions", "sentences", "export")  # + regions when a regions section is set
+STAGES = ("download", "dedup", "captions", "sentences", "regions", "export")
+DEFAULT_STAGES = ("download", "captions", "sentences", "export")  # + dedup, regions when their sections are set
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,8 @@ class SyntheticSection(Strict):
     image_size: int = Field(256, ge=96, le=2048)
     seed: int = 0
     broken: bool = Field(True, description="add a 404, a non-image and a truncated JPEG to the URL list")
+    duplicates: bool = Field(False, description="add a second copy of the first URL and a re-encoded copy of an "
+                             "image of synth/evalset/ (a held-out evaluation folder of its own families) to the URL list")
 
 
 class InputSection(Strict):
@@ -250,9 +252,49 @@ class ExportSection(Strict):
     min_image_size: int = Field(0, ge=0, description="original short side below this: key not exported")
     max_samples: int = Field(10_000, ge=1, description="samples per export tar")
     max_bytes: int = Field(1_000_000_000, ge=1_000_000, description="bytes per export tar (approximate)")
+    caption_repeats: int = Field(3, ge=2, description="a caption text on at least this many exported images is "
+                                 "flagged (export/repeated_captions.json, status): a captioner's boilerplate")
     txt: Optional[str] = Field(None, description="the caption written in full as <key>.txt (what open_clip's trainer "
                                "reads): 'CAPTIONER/PROMPT' (source: 'CAPTIONER/COLUMN'); default the first "
                                "captioner's first prompt (the long one by default)")
+
+
+EVALSET_KINDS = ("folder", "dci", "docci", "urban-1k", "sharegpt4v-1k", "sharegpt4v-10k", "iiw", "coco-5k",
+                 "flickr30k-1k", "refcoco", "refcoco+", "refcocog")  # model/evalsets.py's readers (a test checks)
+
+
+class EvalSetRef(Strict):
+    name: str = Field(description="the set's name in the reason 'contaminated: <name>' and in status")
+    path: str = Field(description="a local copy in its published layout, or a folder of images; a relative path "
+                      "is inside the run directory")
+    kind: Literal[EVALSET_KINDS] = Field("folder", description="a reader of model/evalsets.py, or 'folder' (every "  # type: ignore[valid-type]
+                                         "image file under path)")
+    split: Optional[str] = Field(None, description="the reader's split (default: the reader's; refer sets: val)")
+
+
+class DedupSection(Strict):
+    """Duplicates and evaluation-set contamination (stage 'dedup', pipeline/dedup_stage.py); thresholds measured in
+    benchmarks/BENCHMARKS.md (near-duplicate detection)."""
+    url: bool = Field(True, description="the same normalised URL is a duplicate")
+    bytes: bool = Field(True, description="the same image bytes (img2dataset's sha256) are a duplicate")
+    near: bool = Field(True, description="near duplicates: pHash candidates verified on colour thumbnails")
+    max_distance: int = Field(8, ge=0, le=32, description="pHash bits (of 64) for a near-duplicate candidate")
+    pixel_delta: float = Field(48.0, gt=0, description="a thumbnail pixel differs when its RGB distance is above this")
+    max_differing: float = Field(0.0005, ge=0, le=1, description="a candidate is a duplicate when at most this fraction of pixels differs")
+    max_mean: float = Field(12.0, ge=0, description="... and its mean RGB distance is at most this")
+    thumb: int = Field(128, ge=16, le=512, description="thumbnail side of the verification")
+    verify_chunk: int = Field(256, ge=1, description="candidate pairs per verification task (the unit of resume)")
+    evalsets: list[EvalSetRef] = Field(default_factory=list, description="evaluation sets: a training image that "
+                                       "is a near duplicate of one of their images is excluded as 'contaminated: <name>'")
+
+    @field_validator("evalsets")
+    @classmethod
+    def _unique_names(cls, v):
+        names = [e.name for e in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate evaluation set names {dupes}")
+        return v
 
 
 class TrainSection(Strict):
@@ -416,6 +458,8 @@ class Config(Strict):
     export: ExportSection = Field(default_factory=ExportSection)
     train: Optional[TrainSection] = Field(None, description="train after export (longcap run) when set")
     regions: Optional[RegionsSection] = Field(None, description="regions and local pairs (stage 'regions')")
+    dedup: Optional[DedupSection] = Field(None, description="duplicates and contamination (stage 'dedup'); export "
+                                          "then leaves duplicates and contaminated keys out")
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -430,10 +474,15 @@ class Config(Strict):
                        for n in self.download.allow_networks):
                 raise ValueError("input.synthetic / input.serve_dir serve images from 127.0.0.1, which is blocked "
                                  "by default: opt in with download.allow_networks: [127.0.0.1/32]")
-        if self.regions is not None and "stages" not in self.run.model_fields_set and "regions" not in self.run.stages:
+        explicit = "stages" in self.run.model_fields_set  # (an assignment below adds it)
+        if self.regions is not None and not explicit and "regions" not in self.run.stages:
             self.run.stages = [s for s in STAGES if s in self.run.stages or s == "regions"]
         if self.regions is None and "regions" in self.run.stages:
             raise ValueError("run.stages has 'regions' but there is no regions section")
+        if self.dedup is not None and not explicit and "dedup" not in self.run.stages:
+            self.run.stages = [s for s in STAGES if s in self.run.stages or s == "dedup"]
+        if self.dedup is None and "dedup" in self.run.stages:
+            raise ValueError("run.stages has 'dedup' but there is no dedup section")
         names = [c.name for c in self.captioners]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 import fsspec
 import pyarrow as pa
 
+from . import dedup_stage
 from .records import EXPORT_INDEX, OK, download_reason, table
 from .storage import tmp_name
 
@@ -109,8 +110,10 @@ class TarParts:
 
 def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, sentences: pa.Table,
                  out_dir: str, cfg, regions: pa.Table | None = None,
-                 extra_cols: list[str] = (), txt_caption: str | None = None) -> tuple[pa.Table, dict]:
+                 extra_cols: list[str] = (), txt_caption: str | None = None,
+                 dedup: pa.Table | None = None) -> tuple[pa.Table, dict]:
     """Write the shard's export tars; returns its index (every key, exported or not) and a summary.
+    `dedup`: the shard's dedup rows (pipeline/dedup_stage.py): duplicates and contaminated keys are left out.
     `extra_cols`: input columns carried into each sample's JSON under "extra" (e.g. the synthetic split).
     `txt_caption`: 'CAPTIONER/PROMPT' of the caption written as <key>.txt (None: the longest kept caption)."""
     extra_cols = [c for c in extra_cols if c in images_meta.column_names]
@@ -119,6 +122,7 @@ def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, senten
     local = regions_by_key(regions)
     meta = {r["key"]: r for r in images_meta.select(
         ["key", "url", "status", "error_message", "width", "height", "original_width", "original_height"]).to_pylist()}
+    gone = {} if dedup is None else {r["key"]: dedup_stage.export_reason(r) for r in dedup.to_pylist()}
     images = _Images(images_tar)
     parts = TarParts(f"{out_dir}/{shard_name}", cfg.max_samples, cfg.max_bytes)
     rows, reasons = [], Counter()
@@ -126,10 +130,13 @@ def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, senten
         for key in sorted(meta):
             m = meta[key]
             why = _exclusion(m, kept.get(key), dropped.get(key), cfg)
+            if gone.get(key):  # a duplicate or contaminated image (None for keys without an image)
+                why.insert(0, gone[key])
             row = {"key": key, "shard": shard_name, "url": m["url"], "width": m["width"], "height": m["height"],
                    "n_captions": len(kept.get(key, [])), "exported": not why, "reasons": why, "tar": None,
                    "captioners": sorted({c["captioner"] for c in kept.get(key, [])}),
-                   "max_sentences": max((len(c["sentences"]) for c in kept.get(key, [])), default=0)}
+                   "max_sentences": max((len(c["sentences"]) for c in kept.get(key, [])), default=0),
+                   "caption_digests": sorted({dedup_stage.caption_digest(c["text"]) for c in kept.get(key, [])})}
             if download_reason(m["status"], m["error_message"]) == OK:
                 files = images.get(key)
                 if not why:

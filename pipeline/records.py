@@ -69,6 +69,20 @@ EXPORT_INDEX = pa.schema([
     pa.field("exported", pa.bool_(), nullable=False),
     pa.field("reasons", pa.list_(pa.string())),  # why not exported
     pa.field("tar", pa.string()),  # export tar holding the sample
+    pa.field("caption_digests", pa.list_(pa.string())),  # of the kept captions (export.caption_digest)
+])
+
+DEDUP = pa.schema([  # one row per key of the shard (pipeline/dedup_stage.py)
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("sha256", pa.string()),  # of the downloaded bytes (img2dataset)
+    pa.field("phash", pa.int64()),  # 64-bit pHash as a signed int
+    pa.field("kept", pa.bool_(), nullable=False),  # an image that is neither a duplicate nor contaminated
+    pa.field("duplicate_of", pa.string()),  # the kept key of its group, or for contamination "<set>/<image id>"
+    pa.field("reason", pa.string()),  # same url | same bytes | near duplicate (phash d=N) | contaminated: <set>
+    pa.field("distance", pa.int32()),  # pHash bits to duplicate_of (either way round)
+    pa.field("status", pa.string(), nullable=False),  # ok, or skipped (no image)
+    pa.field("error", pa.string()),
 ])
 
 REGION = pa.struct([
@@ -104,7 +118,7 @@ REGIONS = pa.schema([
     pa.field("error", pa.string()),
 ])
 
-SCHEMAS = {"captions": CAPTIONS, "sentences": SENTENCES, "regions": REGIONS, "export": EXPORT_INDEX}
+SCHEMAS = {"dedup": DEDUP, "captions": CAPTIONS, "sentences": SENTENCES, "regions": REGIONS, "export": EXPORT_INDEX}
 
 
 def empty_row(schema: pa.Schema, **values) -> dict:

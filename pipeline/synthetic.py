@@ -368,9 +368,15 @@ BROKEN = (
 )
 
 
+EVALSET_FAMILIES = 4  # families of synth/evalset/ (duplicates=True): rendered there only, never in the URL list
+
+
 def write_world(out_dir: str | Path, families_n: int = 12, variants: int = 3, image_size: int = 256,
-                seed: int = 0, broken: bool = True) -> dict:
+                seed: int = 0, broken: bool = True, duplicates: bool = False) -> dict:
     """Write images/, urls.parquet (relative url, caption, id, family, variant, split) and truth.parquet.
+    `duplicates`: also evalset/ (a plain folder of images of EVALSET_FAMILIES families of their own: a held-out
+    evaluation fixture), and two more URLs: the first image's URL again, and a JPEG re-encode (quality 85) of
+    evalset/'s first image under images/ (split train: contamination the dedup stage must catch).
     truth.parquet is committed last, by rename: a world killed while being written is written again."""
     fs, out = fsspec.core.url_to_fs(str(out_dir).rstrip("/"))  # a local folder or any fsspec URL
     fs.makedirs(f"{out}/images", exist_ok=True)
@@ -386,6 +392,21 @@ def write_world(out_dir: str | Path, families_n: int = 12, variants: int = 3, im
             rows.append({"url": rel, "caption": t["caption"], "id": t["id"], "family": f,
                          "variant": v, "split": t["split"]})
             truth.append(t)
+    if duplicates:
+        fs.makedirs(f"{out}/evalset", exist_ok=True)
+        for e in range(EVALSET_FAMILIES):
+            scene = random_scene(random.Random(f"{seed}:evalset:{e}"))
+            img, _ = render(scene, image_size)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=92)
+            fs.pipe_file(f"{out}/evalset/e{e:04d}.jpg", buf.getvalue())
+            if e == 0:
+                copy = io.BytesIO()
+                img.save(copy, "JPEG", quality=85)
+                fs.pipe_file(f"{out}/images/evalset-copy.jpg", copy.getvalue())
+                rows.append({"url": "images/evalset-copy.jpg", "caption": caption_and_spans(scene)[0],
+                             "id": "evalset-copy", "family": -1, "variant": -1, "split": "train"})
+        rows.append({**rows[0], "id": f"{rows[0]['id']}-again"})
     if broken:
         fs.makedirs(f"{out}/broken", exist_ok=True)
         fs.pipe_file(f"{out}/broken/not-an-image.jpg", b"<html><body>not an image</body></html>\n")

@@ -60,6 +60,8 @@ def cmd_run(args) -> int:
         raise ConfigError(f"--stages: unknown stage(s) {bad}; allowed: {', '.join(ORDER)}, train")
     if "regions" in (stages or []) and cfg.regions is None:
         raise ConfigError("--stages regions: the config has no regions section")
+    if "dedup" in (stages or []) and cfg.dedup is None:
+        raise ConfigError("--stages dedup: the config has no dedup section")
     do_train = cfg.train is not None and (stages is None or "train" in stages)
     stages = [s for s in stages if s != "train"] if stages else None
     shards = [int(s) for s in _split_csv(args.shards)] if args.shards else None

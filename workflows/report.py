@@ -228,6 +228,36 @@ def sec_accounting(c: Ctx) -> str:
     return "\n".join(parts)
 
 
+def sec_dedup(c: Ctx) -> str:
+    """Duplicates and contamination (the dedup stage) and repeated captions (export)."""
+    st = c.status
+    if st is None:
+        from .status import run_status
+
+        st = c.status = run_status(c.run)
+    parts = []
+    d = st.get("dedup")
+    if d is None:
+        parts.append("<p>No dedup stage in this run (config section <code>dedup</code>): duplicates and "
+                     "evaluation images were not looked for.</p>")
+    else:
+        rows = [["kept", d["kept"]]] + [[f"duplicate: {k}", v] for k, v in d["duplicates"].items()]
+        rows += [[f"contaminated: {k}", v] for k, v in d["contaminated"].items()]
+        rows += [["no image", d["no_image"]]]
+        parts.append("<p>Every key of the downloaded shards, by what the dedup stage made of it; export leaves "
+                     "duplicates and contaminated keys out (their reasons are in <code>export/&lt;shard&gt;.parquet"
+                     "</code>).</p>")
+        parts.append(H.table(["outcome", "keys"], rows, tid="dedup"))
+        sets = {k: v for k, v in d["contaminated"].items()}
+        parts.append(H.table(["evaluation set", "contaminated training images"], [[k, v] for k, v in sets.items()]
+                             or [["(none configured or none found)", 0]], tid="contamination"))
+    r = st.get("repeated_captions")
+    if r is not None:
+        parts.append(f"<p>Repeated captions: {r['texts']} caption text(s) on {r['min_images']} or more exported "
+                     f"images each ({r['images']} images; <code>export/repeated_captions.json</code>).</p>")
+    return "\n".join(parts)
+
+
 def _captioner_of(r: dict) -> str:
     return str(r.get("captioner"))
 
@@ -661,6 +691,7 @@ def write_report(root: str, gallery: int = 8, heat_images: int = 3, stat_shards:
     c = Ctx(run, shards, stat_shards)
     builders = [("overview", "Run", sec_overview),
                 ("accounting", "Input URLs", sec_accounting),
+                ("dedup", "Duplicates and contamination", sec_dedup),
                 ("captions", "Captions", sec_captions),
                 ("quality", "Quality flags", sec_quality),
                 ("regions", "Regions and pairs", sec_regions),

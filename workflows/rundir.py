@@ -15,7 +15,7 @@ from pipeline.download import plan_shards, shard_name
 from pipeline.sources import read_url_lists
 from pipeline.storage import atomic_write_bytes, atomic_write_json, atomic_write_table, exists, read_table, remove_stale_tmp
 
-STAGE_DIRS = {"download": "images", "captions": "captions", "sentences": "sentences", "regions": "regions",
+STAGE_DIRS = {"download": "images", "dedup": "dedup", "captions": "captions", "sentences": "sentences", "regions": "regions",
               "regions_caft": "regions-caft",
               "export": "export"}
 
@@ -58,6 +58,19 @@ class RunDir:
 
     def report(self, *parts: str) -> str:
         return self.path("report", *parts)
+
+    def dedup_hashes(self, shard: int) -> str:
+        """dedup/_hashes/<shard>.parquet: the dedup stage's per-shard hashes (pipeline/dedup_stage.py, step 1)."""
+        return self.path("dedup", "_hashes", f"{shard_name(shard)}.parquet")
+
+    def dedup_global(self, fingerprint: str, *parts: str) -> str:
+        """dedup/_global-<fingerprint>/: the global pass of one dedup config (evalsets/<name>.parquet,
+        candidates.parquet, verified/<chunk>.parquet, groups.parquet)."""
+        return self.path("dedup", f"_global-{fingerprint}", *parts)
+
+    def repeated_captions(self) -> str:
+        """export/repeated_captions.json: caption texts on export.caption_repeats or more exported images."""
+        return self.path("export", "repeated_captions.json")
 
     def glob(self, pattern: str) -> list[str]:
         """Openable paths (local paths or URLs) of the run's files matching a pattern relative to the run."""
@@ -118,7 +131,10 @@ class RunDir:
 
     def clean_stale(self) -> int:
         """Remove what killed writers left: *.tmp-* files and img2dataset staging folders."""
-        folders = [self.root, self.path("images", "_shards")] + [self.path(d) for d in set(STAGE_DIRS.values())]
+        folders = [self.root, self.path("images", "_shards"), self.path("dedup", "_hashes")] + [
+            self.path(d) for d in set(STAGE_DIRS.values())]
+        folders += [f"{self.url(g)}{sub}" for g in self.fs.glob(f"{self._path}/dedup/_global-*")
+                    for sub in ("", "/evalsets", "/verified")]
         n = sum(remove_stale_tmp(f) for f in folders)
         staging = f"{self._path}/images/_staging"
         if self.fs.exists(staging):
@@ -196,7 +212,7 @@ class RunDir:
             return list(cfg.input.urls)
         if self.truth() is None:
             s = cfg.input.synthetic
-            synthetic.write_world(self.synth(), s.families, s.variants, s.image_size, s.seed, s.broken)
+            synthetic.write_world(self.synth(), s.families, s.variants, s.image_size, s.seed, s.broken, s.duplicates)
         return [self.synth("urls.parquet")]
 
     @property

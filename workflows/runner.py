@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError
 from pipeline.download import shard_name
+from pipeline.storage import exists
 from . import progress
 from .rundir import RunDir
 from .serve import serve_folder
 from .status import reconcile
-from .stages import ORDER, WORKERS, prepare, run_worker, upstream, write_export_index
+from .stages import ORDER, WORKERS, prepare, requires, run_worker, upstream, write_export_index
 
 log = logging.getLogger("longcap")
 
@@ -70,6 +71,59 @@ def die_with_raylet() -> None:
 @ray.remote(max_retries=0)
 def _shard_task(stage: str, cfg: Config, root: str, base_url, shard: int) -> dict:
     return run_worker(WORKERS[stage](cfg, root, base_url), shard, stage)
+
+
+@ray.remote(max_retries=0)
+def _dedup_task(step: str, cfg: Config, root: str, arg) -> dict:
+    """One step of the dedup stage's global part: "hash" a shard, "verify" a candidate chunk, or the "global" pass
+    (whose verification chunks run as more of these tasks, spread over the cluster)."""
+    worker = WORKERS["dedup"](cfg, root)
+    if step == "hash":
+        return worker.hash(arg)
+    if step == "verify":
+        return {"duplicates": worker.verify(arg)}
+
+    def verify_all(ids: list[int]) -> None:
+        ray.get([_dedup_task.options(num_cpus=1).remote("verify", cfg, root, i) for i in ids])
+
+    return worker.global_pass(arg, verify_all)
+
+
+class DedupBarrier:
+    """The dedup stage's global step inside the runner's loop: each downloaded shard is hashed (a task), and once
+    every shard of the plan is hashed, one global task groups them; then the stage's per-shard outputs are written
+    like any task stage's. Shards wait here (not in `pending`) until the global result exists."""
+
+    def __init__(self, cfg: Config, run: RunDir, all_shards: list[int]):
+        self.cfg, self.run, self.all = cfg, run, set(all_shards)
+        self.worker = WORKERS["dedup"](cfg, run.root)
+        fs, folder = run.fs, run.dedup_hashes(0).rsplit("/", 1)[0]
+        try:
+            names = os.listdir(folder) if run.is_local else [n.rsplit("/", 1)[-1] for n in fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            names = []
+        self.hashed = {int(n[:-8]) for n in names if n.endswith(".parquet") and n[:-8].isdigit()}
+        self.done = exists(self.worker.groups_path())
+        self.failed: str | None = None  # the global step failed for good in this run
+        self.to_hash: collections.deque = collections.deque()
+        self.hashing: set[int] = set()
+        self.waiting: set[int] = set()  # shards for the stage's output, once the global result is there
+        self.global_running, self.global_attempts = False, 0
+
+    def hold(self, shard: int) -> None:
+        self.waiting.add(shard)
+
+    def downloaded(self, shard: int) -> None:
+        if shard not in self.hashed and shard not in self.hashing and shard not in self.to_hash:
+            self.to_hash.append(shard)
+
+    def ready_for_global(self) -> bool:
+        return not self.done and not self.failed and not self.global_running and self.all <= self.hashed
+
+    def blocked(self) -> str:
+        missing = len(self.all - self.hashed)
+        return (f"the global dedup pass needs every shard of the plan downloaded and hashed; {missing} are not "
+                f"(run the download stage for them)")
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -171,8 +225,10 @@ class Runner:
             self._done[stage] = self.run.committed(stage)
         return self._done[stage]
 
-    def _next_stage(self, stage: str) -> str | None:
-        return next((s for s in self.stages if upstream(s, self.cfg) == stage), None)
+    def _next_stages(self, stage: str, shard: int) -> list[str]:
+        """The stages that can take `shard` now that `stage` committed it."""
+        return [s for s in self.stages if stage in requires(s, self.cfg) and shard not in self._committed(s)
+                and all(shard in self._committed(r) for r in requires(s, self.cfg))]
 
     # ---------------------------------------------------------------- main loop
 
@@ -188,18 +244,25 @@ class Runner:
                 progress.save(self.run.progress(stage), summary)
         result = RunResult()
         pending = {s: collections.deque() for s in self.stages}
+        self.dedup = DedupBarrier(self.cfg, self.run, all_shards) if "dedup" in self.stages else None
         for shard in shards:
             for stage in self.stages:
                 if shard in self._committed(stage):
                     continue
-                up = upstream(stage, self.cfg)
-                if up is None or shard in self._committed(up):
+                missing = [r for r in requires(stage, self.cfg) if shard not in self._committed(r)]
+                if not missing:
                     pending[stage].append(shard)
-                elif up == "download" and self.cfg.input.images_from:
+                elif missing[0] == "download" and self.cfg.input.images_from:
                     result.blocked[(stage, shard)] = f"input.images_from run {self.cfg.input.images_from} has no images for it"
-                elif up not in self.stages:
+                elif any(up not in self.stages for up in missing):
+                    up = next(up for up in missing if up not in self.stages)
                     result.blocked[(stage, shard)] = f"needs {up} output first (run with --stages {up},{stage})"
-                break
+                if missing and stage != "dedup":
+                    break
+        if self.dedup is not None:  # every downloaded shard of the plan is hashed, --shards or not
+            for shard in sorted(all_shards):
+                if shard in self._committed("download"):
+                    self.dedup.downloaded(shard)
         if "regions" in self.stages and any(s not in self._committed("regions") for s in shards):
             self._prepare(shards, pending, result)
         need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
@@ -207,10 +270,62 @@ class Runner:
             self._loop(shards, pending, base, result)
         self.run.drop_staging(self._committed("download"))
         if "export" in self.stages:
-            n = write_export_index(self.run, all_shards)
+            n = write_export_index(self.run, all_shards, self.cfg.export.caption_repeats)
             if n is not None:
                 log.info("export/index.parquet: %d exported keys", n)
         return result
+
+    def _dedup_fail(self, dd: DedupBarrier, shard: int, result: RunResult) -> None:
+        result.failed[("dedup", shard)] = dd.failed
+        self._record("dedup", shard, {"status": "failed", "error": dd.failed, "attempts": dd.global_attempts})
+
+    def _dedup_submit(self, dd: DedupBarrier, pending, inflight, task_limit: int) -> None:
+        """Hash tasks for downloaded shards (within the task limit), and the global task once all are hashed."""
+        while dd.to_hash and sum(1 for v in inflight.values() if v[0].startswith("dedup")) < task_limit:
+            shard = dd.to_hash.popleft()
+            dd.hashing.add(shard)
+            ref = _dedup_task.options(num_cpus=1).remote("hash", self.cfg, self.run.root, shard)
+            inflight[ref] = ("dedup:hash", shard, None)
+        if dd.ready_for_global():
+            dd.global_running = True
+            log.info("dedup: global pass over %d shards", len(dd.all))
+            ref = _dedup_task.options(num_cpus=1).remote("global", self.cfg, self.run.root, sorted(dd.all))
+            inflight[ref] = ("dedup:global", -1, None)
+
+    def _dedup_done(self, dd: DedupBarrier, step: str, shard: int, ref, pending, result: RunResult, retries: int) -> None:
+        try:
+            summary = ray.get(ref)
+        except (ray.exceptions.RayError, Exception) as e:  # noqa: BLE001 - recorded against the waiting shards
+            err = error_text(e)
+            if step == "dedup:hash":
+                dd.hashing.discard(shard)
+                dd.global_attempts += 1  # hash and global failures share the stage's retry budget
+                if dd.global_attempts <= retries:
+                    log.warning("dedup: hashing shard %s failed, retrying: %s", shard_name(shard), err)
+                    dd.to_hash.appendleft(shard)
+                    return
+            else:
+                dd.global_running = False
+                dd.global_attempts += 1
+                if dd.global_attempts <= retries:
+                    log.warning("dedup: global pass failed (attempt %d), retrying: %s", dd.global_attempts, err)
+                    return
+            err = f"dedup {'hashing shard ' + shard_name(shard) if step == 'dedup:hash' else 'global pass'} failed: {err}"
+            log.error(err)
+            dd.failed = err
+            dd.to_hash.clear()
+            for s in sorted(dd.waiting):
+                self._dedup_fail(dd, s, result)
+            dd.waiting.clear()
+            return
+        if step == "dedup:hash":
+            dd.hashing.discard(shard)
+            dd.hashed.add(shard)
+            return
+        dd.global_running, dd.done = False, True
+        log.info("dedup: global pass done: %d keys not kept (%.1f s)", summary["not_kept"], summary["seconds"])
+        pending["dedup"].extend(sorted(dd.waiting))
+        dd.waiting.clear()
 
     def _prepare(self, shards, pending, result: RunResult) -> None:
         """Train the synthetic detector if the config asks for one; if that fails, regions shards fail with it."""
@@ -240,8 +355,10 @@ class Runner:
         """Whether actors holding `actor_cpus` CPUs (one each) leave no CPU to shard tasks that have work.
         Without this rule a 2-CPU Ray deadlocks: a captions and a regions actor hold both CPUs, waiting for
         download and sentences tasks that can never start."""
-        busy = {v[0] for v in inflight.values()}
-        work = any(WORKERS[s].kind == "task" and (pending[s] or s in busy) for s in self.stages)
+        dd = getattr(self, "dedup", None)
+        work = (any(actor is None for _, _, actor in inflight.values())  # tasks in flight (an actor's run names it)
+                or any(WORKERS[s].kind != "actor" and pending[s] for s in self.stages)
+                or (dd is not None and bool(dd.to_hash or dd.ready_for_global())))
         return work and actor_cpus > self._cpus() - 1
 
     def _loop(self, shards, pending, base_url, result: RunResult) -> None:
@@ -256,6 +373,7 @@ class Runner:
         bars = {s: tqdm(total=len(shards), desc=f"{s:>9}", unit="shard", position=i, leave=True,
                         disable=not self.progress, initial=len(self._committed(s) & set(shards)))
                 for i, s in enumerate(self.stages)}
+        dd = self.dedup
         samples = collections.Counter()
         started = {}
         inflight: dict = {}
@@ -265,12 +383,20 @@ class Runner:
         max_actors = {"captions": self.cfg.ray.captions_actors}
         retries = self.cfg.ray.shard_retries
         try:
-            while any(pending.values()) or inflight:
+            while any(pending.values()) or inflight or (dd is not None and (dd.to_hash or dd.ready_for_global())):
+                if dd is not None:
+                    self._dedup_submit(dd, pending, inflight, task_limit)
                 for stage in self.stages:
                     q = pending[stage]
                     while q:
                         shard = q[0]
-                        if WORKERS[stage].kind == "task":
+                        if stage == "dedup" and not dd.done:
+                            if dd.failed:
+                                self._dedup_fail(dd, q.popleft(), result)
+                            else:
+                                dd.hold(q.popleft())
+                            continue
+                        if WORKERS[stage].kind in ("task", "global"):
                             if sum(1 for v in inflight.values() if v[0] == stage) >= task_limit:
                                 break
                             ref = _shard_task.options(num_cpus=1).remote(stage, self.cfg, self.run.root, base_url, shard)
@@ -306,6 +432,9 @@ class Runner:
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 for ref in ready:
                     stage, shard, actor = inflight.pop(ref)
+                    if stage.startswith("dedup:"):
+                        self._dedup_done(dd, stage, shard, ref, pending, result, retries)
+                        continue
                     try:
                         summary = ray.get(ref)
                     except (ray.exceptions.RayError, Exception) as e:  # a worker's failure is data, not a crash
@@ -339,14 +468,19 @@ class Runner:
                         log.info("%s %s done: %d rows, %d ok, %.1f s (%.1f samples/s in this stage)", stage,
                                  shard_name(shard), summary.get("rows", 0), summary.get("ok", 0),
                                  summary.get("seconds", 0), rate)
-                    nxt = self._next_stage(stage)
-                    if nxt and shard not in self._committed(nxt):
+                    for nxt in self._next_stages(stage, shard):
                         pending[nxt].append(shard)
+                    if stage == "download" and dd is not None:
+                        dd.downloaded(shard)
         finally:
             for b in bars.values():
                 b.close()
             for a in [a for pool in actors.values() for a in pool] + [v[2] for v in inflight.values() if v[2]]:
                 ray.kill(a, no_restart=True)  # in-flight ones too: an interrupted run leaves no actor holding CPUs
+        if dd is not None and dd.waiting and not dd.done:
+            for shard in sorted(dd.waiting):
+                if ("dedup", shard) not in result.failed:
+                    result.blocked[("dedup", shard)] = dd.blocked()
         for stage in self.stages:
             if stage in started:
                 st = self.manifest["stages"].setdefault(stage, {"shards": {}})

@@ -12,11 +12,12 @@ from collections import Counter
 
 from pipeline.captions import build_captioner
 from pipeline.config import Config, ConfigError
-from pipeline.download import download_shard, read_images_meta, shard_name
+from pipeline import dedup_stage
+from pipeline.download import download_shard, key_digits, read_images_meta, shard_name
 from pipeline.export import export_shard
 from pipeline.records import CAPTIONS, OK
 from pipeline.sentences import SentenceSplitter
-from pipeline.storage import atomic_write_bytes, atomic_write_table, read_table
+from pipeline.storage import atomic_write_bytes, atomic_write_table, exists, read_table
 from .rundir import RunDir
 
 import pyarrow as pa
@@ -34,6 +35,97 @@ class DownloadWorker:
         return download_shard(shard, rows, self.run_dir.path("images"), self.cfg.download,
                               self.cfg.run.shard_size, self.base_url or self.cfg.input.base_url,
                               own_server=self.base_url is not None)
+
+
+class DedupWorker:
+    """The dedup stage (pipeline/dedup_stage.py): `hash(shard)` per shard, `global_pass()` once every shard is
+    hashed (its verification chunks through `verify(chunk)`, which the runner spreads over Ray tasks), then
+    `run(shard)` writes the stage's output. Every step commits atomically and skips what is already committed."""
+    kind = "global"
+
+    def __init__(self, cfg: Config, root: str, base_url: str | None = None):
+        self.cfg, self.run_dir = cfg, RunDir(root, cfg.input.images_from)
+        self.fp = dedup_fingerprint(cfg)
+
+    def hash(self, shard: int) -> dict:
+        out = self.run_dir.dedup_hashes(shard)
+        if not exists(out):
+            meta = read_images_meta(self.run_dir.images(), shard)
+            atomic_write_table(out, dedup_stage.hash_shard(shard, meta, self.run_dir.images(f"{shard_name(shard)}.tar")))
+        return {"shard": shard}
+
+    def groups_path(self) -> str:
+        return self.run_dir.dedup_global(self.fp, "groups.parquet")
+
+    def _hashes(self, shards: list[int]) -> pa.Table:
+        return pa.concat_tables([read_table(self.run_dir.dedup_hashes(s)) for s in shards]).cast(dedup_stage.HASHES)
+
+    def _evalsets(self) -> dict[str, pa.Table]:
+        out = {}
+        for e in self.cfg.dedup.evalsets:
+            path = self.run_dir.dedup_global(self.fp, "evalsets", f"{e.name}.parquet")
+            if not exists(path):
+                items = dedup_stage.evalset_images(dedup_stage.resolve_path(e.path, self.run_dir.root), e.kind, e.split)
+                atomic_write_table(path, dedup_stage.hash_evalset(items))
+            out[e.name] = read_table(path)
+        return out
+
+    def _candidates(self, shards: list[int]) -> pa.Table:
+        path = self.run_dir.dedup_global(self.fp, "candidates.parquet")
+        if not exists(path):
+            atomic_write_table(path, dedup_stage.candidates(self._hashes(shards), self._evalsets(), self.cfg.dedup,
+                                                            seed=self.cfg.run.seed))
+        return read_table(path)
+
+    def _chunk_path(self, i: int) -> str:
+        return self.run_dir.dedup_global(self.fp, "verified", f"{i:05d}.parquet")
+
+    def verify(self, i: int) -> int:
+        """Verify candidate chunk i (committed as verified/<i>.parquet); returns its duplicates."""
+        path = self._chunk_path(i)
+        if not exists(path):
+            cands = read_table(self.run_dir.dedup_global(self.fp, "candidates.parquet"))
+            lo, hi = dedup_stage.chunks(cands.num_rows, self.cfg.dedup.verify_chunk)[i]
+            part = cands.slice(lo, hi - lo)
+            refs = {r for c in ("a", "b") for r in part[c].to_pylist()}
+            shard_of = {k: int(k) // 10 ** key_digits(self.cfg.run.shard_size) for k in refs if "/" not in k}
+            evals = {}
+            for name, t in self._evalsets().items():
+                evals.update({f"{name}/{i_}": p for i_, p in zip(t["id"].to_pylist(), t["path"].to_pylist())})
+            source = dedup_stage.ImageSource(lambda sh: self.run_dir.images(f"{shard_name(sh)}.tar"), evals)
+            atomic_write_table(path, dedup_stage.verify_chunk(part, source, shard_of, dedup_stage.params_of(self.cfg.dedup)))
+        return int(pa.compute.sum(read_table(path)["duplicate"]).as_py() or 0)
+
+    def global_pass(self, shards: list[int], verify_all=None) -> dict:
+        """The global result (groups.parquet) from every shard's hashes; `verify_all(chunk ids)` verifies the
+        chunks not verified yet (default: here, one after another)."""
+        t0 = time.time()
+        if not exists(self.groups_path()):
+            cands = self._candidates(shards)
+            todo = [i for i in range(len(dedup_stage.chunks(cands.num_rows, self.cfg.dedup.verify_chunk)))
+                    if not exists(self._chunk_path(i))]
+            (verify_all or (lambda ids: [self.verify(i) for i in ids]))(todo)
+            n = len(dedup_stage.chunks(cands.num_rows, self.cfg.dedup.verify_chunk))
+            verified = (pa.concat_tables([read_table(self._chunk_path(i)) for i in range(n)]).cast(dedup_stage.VERIFIED)
+                        if n else dedup_stage.VERIFIED.empty_table())
+            atomic_write_table(self.groups_path(), dedup_stage.assign(self._hashes(shards), verified, self.cfg.dedup))
+        groups = read_table(self.groups_path())
+        return {"not_kept": groups.num_rows, "seconds": round(time.time() - t0, 3)}
+
+    def run(self, shard: int) -> dict:
+        out = dedup_stage.shard_rows(read_table(self.run_dir.dedup_hashes(shard)), read_table(self.groups_path()))
+        atomic_write_table(self.run_dir.output("dedup", shard), out)
+        return summarize(out)
+
+
+def dedup_fingerprint(cfg: Config) -> str:
+    """Names the global pass of one dedup config (a --force restart with other thresholds or evaluation sets
+    starts a new one) and one shard plan."""
+    import hashlib
+
+    doc = json.dumps([cfg.dedup.model_dump(mode="json") if cfg.dedup else None, cfg.run.shard_size, cfg.run.seed],
+                     sort_keys=True)
+    return hashlib.blake2b(doc.encode(), digest_size=6).hexdigest()
 
 
 class CaptionsWorker:
@@ -144,7 +236,8 @@ class ExportWorker:
                                       self.run_dir.images(f"{name}.tar"),
                                       read_table(self.run_dir.output("sentences", shard)),
                                       self.run_dir.path("export"), self.cfg.export, regions=self._regions(shard),
-                                      extra_cols=self.cfg.extra_columns(), txt_caption=self.cfg.txt_caption())
+                                      extra_cols=self.cfg.extra_columns(), txt_caption=self.cfg.txt_caption(),
+                                      dedup=read_table(self.run_dir.output("dedup", shard)) if self.cfg.dedup else None)
         atomic_write_table(self.run_dir.output("export", shard), index)
         return summary
 
@@ -154,16 +247,45 @@ class ExportWorker:
         return read_table(self.run_dir.output("regions", shard))
 
 
-def write_export_index(run_dir: RunDir, shards: list[int]) -> int | None:
+def write_export_index(run_dir: RunDir, shards: list[int], caption_repeats: int | None = None) -> int | None:
     """export/index.parquet: the exported keys of every shard, once all shards are exported."""
     if not set(shards) <= run_dir.committed("export"):
         return None
     parts = [read_table(run_dir.output("export", s)) for s in shards]
-    index = pa.concat_tables(parts).filter(pa.compute.field("exported"))
+    index = pa.concat_tables(parts, promote_options="default").filter(pa.compute.field("exported"))
+    index = index.append_column("caption_repeats", pa.array(write_repeated_captions(run_dir, index, caption_repeats),
+                                                                     pa.int32()))
     sizes = Counter(index["tar"].to_pylist())  # samples per tar: how open_clip's trainer counts a dataset
     atomic_write_bytes(run_dir.path("export", "sizes.json"), json.dumps(dict(sorted(sizes.items())), indent=1).encode())
     atomic_write_table(run_dir.path("export", "index.parquet"), index)
     return index.num_rows
+
+
+def write_repeated_captions(run_dir: RunDir, index: pa.Table, cfg_repeats: int | None = None) -> list[int]:
+    """export/repeated_captions.json: every caption text on export.caption_repeats or more different exported
+    images (a captioner's boilerplate answer), with its count, a few keys and the text; returns, per index row,
+    the most images that share one of its captions."""
+    if cfg_repeats is None:
+        cfg_repeats = ((run_dir.load_snapshot() or {}).get("export") or {}).get("caption_repeats", 3)
+    digests = index["caption_digests"].to_pylist() if "caption_digests" in index.column_names else [[]] * index.num_rows
+    keys = index["key"].to_pylist()
+    count, first = Counter(), {}
+    for key, ds in zip(keys, digests):
+        for d in ds or []:
+            count[d] += 1
+            first.setdefault(d, []).append(key)
+    repeated = sorted((d for d, n in count.items() if n >= cfg_repeats), key=lambda d: (-count[d], d))
+    shard_of = dict(zip(keys, index["shard"].to_pylist()))
+    texts = {}
+    for d in repeated[:100]:  # the text of the first 100, read back from a shard that has it
+        sents = read_table(run_dir.path("sentences", f"{shard_of[first[d][0]]}.parquet"), ["key", "text"])
+        texts[d] = next((t for k, t in zip(sents["key"].to_pylist(), sents["text"].to_pylist())
+                         if k == first[d][0] and dedup_stage.caption_digest(t) == d), None)
+    doc = {"min_images": cfg_repeats, "texts": len(repeated), "images": len({k for d in repeated for k in first[d]}),
+           "repeated": [{"digest": d, "images": count[d], "keys": first[d][:5], "text": texts.get(d)}
+                        for d in repeated[:100]]}
+    atomic_write_bytes(run_dir.repeated_captions(), json.dumps(doc, indent=1, ensure_ascii=False).encode())
+    return [max((count[d] for d in ds or []), default=0) for ds in digests]
 
 
 def summarize(out: pa.Table) -> dict:
@@ -174,16 +296,26 @@ def summarize(out: pa.Table) -> dict:
     return {"rows": out.num_rows, "ok": reasons.pop(OK, 0), "reasons": dict(reasons)}
 
 
-WORKERS = {"download": DownloadWorker, "captions": CaptionsWorker, "sentences": SentencesWorker,
+WORKERS = {"download": DownloadWorker, "dedup": DedupWorker, "captions": CaptionsWorker, "sentences": SentencesWorker,
            "regions": RegionsWorker, "export": ExportWorker}
-ORDER = ("download", "captions", "sentences", "regions", "export")
+ORDER = ("download", "dedup", "captions", "sentences", "regions", "export")
 
 
 def upstream(stage: str, cfg: Config) -> str | None:
-    """The stage whose output `stage` reads; regions sits between sentences and export only when configured."""
-    order = [s for s in ORDER if s != "regions" or cfg.regions is not None]
+    """The stage whose output `stage` reads; regions sits between sentences and export only when configured.
+    dedup is a side branch: it reads download's output, and export reads it too (`requires`)."""
+    if stage == "dedup":
+        return "download"
+    order = [s for s in ORDER if s != "dedup" and (s != "regions" or cfg.regions is not None)]
     i = order.index(stage)
     return order[i - 1] if i else None
+
+
+def requires(stage: str, cfg: Config) -> list[str]:
+    """Every stage whose output a shard needs before `stage` can run on it: its upstream, and for export the
+    dedup stage when the config has one (duplicates are captioned like any image; export leaves them out)."""
+    up = upstream(stage, cfg)
+    return ([up] if up else []) + (["dedup"] if stage == "export" and cfg.dedup is not None else [])
 
 
 def run_worker(worker, shard: int, stage: str | None = None) -> dict:

@@ -32,7 +32,7 @@ def read_plan(run: RunDir) -> dict:
 
 def status_stages(run: RunDir) -> list[str]:
     snapshot = run.load_snapshot() or {}
-    return [s for s in ORDER if s != "regions" or snapshot.get("regions")]  # regions: only when configured
+    return [s for s in ORDER if s not in ("regions", "dedup") or snapshot.get(s)]  # regions, dedup: when configured
 
 
 def reconcile(run: RunDir, stage: str, shards: int, full: bool = False,
@@ -93,9 +93,24 @@ def run_status(run: RunDir, full: bool = False) -> dict:
                 if not summary.is_done(shard):
                     urls["shard_failed" if shard_name(shard) in failed else "not_downloaded_yet"] += sizes(shard)
     total = plan["rows"]
-    return {"run": run.root, "shards": n, "urls": total,
-            "accounting": dict(sorted(urls.items(), key=lambda kv: (kv[0] != OK, -kv[1], kv[0]))),
-            "accounted": sum(urls.values()) == total, "stages": stages}
+    out = {"run": run.root, "shards": n, "urls": total,
+           "accounting": dict(sorted(urls.items(), key=lambda kv: (kv[0] != OK, -kv[1], kv[0]))),
+           "accounted": sum(urls.values()) == total, "stages": stages}
+    if "dedup" in stages:
+        out["dedup"] = dedup_counts(stages["dedup"]["rows"])
+    if exists(run.repeated_captions()):
+        with fsspec.open(run.repeated_captions(), "r") as f:
+            doc = json.load(f)
+        out["repeated_captions"] = {k: doc[k] for k in ("min_images", "texts", "images")}
+    return out
+
+
+def dedup_counts(rows: dict) -> dict:
+    """The dedup stage's rows by outcome -> kept, duplicates by reason, contaminated per evaluation set."""
+    dup = {k.split(": ", 1)[1]: v for k, v in rows.items() if k.startswith("duplicate: ")}
+    cont = {k.split(": ", 1)[1]: v for k, v in rows.items() if k.startswith("contaminated: ")}
+    return {"kept": rows.get("kept", 0), "duplicates": dict(sorted(dup.items())), "contaminated": dict(sorted(cont.items())),
+            "no_image": sum(v for k, v in rows.items() if k.endswith(": no image"))}
 
 
 def _sizes(plan: dict, run: RunDir):
@@ -122,6 +137,10 @@ def _reasons(run: RunDir, stage: str, shard: int) -> Counter:
     if stage == "download":
         return _download_reasons(run, shard)
     t = read_table(run.output(stage, shard))
+    if "duplicate_of" in t.column_names:
+        from pipeline.dedup_stage import outcome
+
+        return Counter(outcome(r) for r in t.select(["status", "kept", "reason"]).to_pylist())
     if "exported" in t.column_names:
         return Counter(OK if ok else "not exported: " + "; ".join(r.split(":")[0] for r in why)
                        for ok, why in zip(t["exported"].to_pylist(), t["reasons"].to_pylist()))
@@ -144,6 +163,16 @@ def format_status(st: dict) -> str:
             lines.append(f"      {reason:<40} {n}")
         for name, err in info["failed"].items():
             lines.append(f"      shard {name} FAILED: {err[:200]}")
+    if "dedup" in st:
+        d = st["dedup"]
+        lines.append(f"  duplicates and contamination: {d['kept']} kept, {sum(d['duplicates'].values())} duplicate(s)"
+                     + "".join(f", {n} {why}" for why, n in d["duplicates"].items())
+                     + f"; {sum(d['contaminated'].values())} contaminated"
+                     + "".join(f", {n} by {name}" for name, n in d["contaminated"].items()))
+    if "repeated_captions" in st:
+        r = st["repeated_captions"]
+        lines.append(f"  repeated captions: {r['texts']} text(s) on {r['min_images']}+ exported images each "
+                     f"({r['images']} images; export/repeated_captions.json)")
     lines.append("  input URLs by outcome:")
     for reason, n in st["accounting"].items():
         lines.append(f"      {reason:<40} {n}")
