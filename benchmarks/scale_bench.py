@@ -296,7 +296,7 @@ def cmd_nodes(args) -> None:
             ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
             cluster.wait_for_nodes()
             run = tmp / f"run{nodes}"
-            cfg = load_config(data={"run": {"dir": str(run), "shard_size": 4},
+            cfg = load_config(data={"run": {"dir": str(run), "shard_size": args.shard_size},
                                     "input": {"urls": [str(world / "urls.parquet")], "format": "parquet",
                                               "caption_cols": ["caption"], "serve_dir": str(world)},
                                     "download": {"allow_networks": ["127.0.0.1/32"], "image_size": 32},
@@ -324,6 +324,7 @@ if __name__ == "__main__":
     ap.add_argument("mode", choices=["runner", "synth", "status", "nodes"])
     ap.add_argument("--shards", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shard-size", type=int, default=4, help="nodes: URLs per shard (--shards is the families, x4 URLs)")
     ap.add_argument("--repeat-caption", type=int, default=20)
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--keep", action="store_true", help="synth: keep the run (its folder is printed)")
