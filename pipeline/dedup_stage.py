@@ -23,6 +23,7 @@ import hashlib
 from collections import defaultdict
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -114,19 +115,25 @@ def resolve_path(path: str, run_root: str) -> str:
 
 
 def evalset_images(root: str, kind: str, split: str | None = None) -> list[tuple[str, str]]:
-    """(id, path) of every image of a local evaluation set copy; id is the path relative to root."""
-    base = Path(root)
+    """(id, path) of every image of an evaluation set copy; id is the path relative to root. A 'folder' may be
+    any fsspec URL (an s3:// run keeps its own folder there); the readers' layouts are local copies."""
     if kind == "folder":
-        if not base.is_dir():
+        fs, base = fsspec.core.url_to_fs(root)
+        if not fs.isdir(base):
             raise FileNotFoundError(f"evaluation image folder {root} does not exist")
-        paths = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        from model import evalsets
+        found = sorted(p for p in fs.find(base) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        local = "file" in fs.protocol
+        return [(p[len(base):].lstrip("/"), p if local else fs.unstrip_protocol(p)) for p in found]
+    if "://" in root:
+        raise ValueError(f"evaluation set {root} ({kind}): the {kind} reader reads a local copy; give a local path "
+                         f"(or kind: folder for a plain folder of images on object storage)")
+    from model import evalsets
 
-        if kind in evalsets.REFER_SETS:
-            paths = sorted({Path(it.image) for it in evalsets.read_refer(root, kind, split or "val")})
-        else:
-            paths = sorted({Path(p) for p in evalsets.retrieval_set(kind, root, split).images})
+    base = Path(root)
+    if kind in evalsets.REFER_SETS:
+        paths = sorted({Path(it.image) for it in evalsets.read_refer(root, kind, split or "val")})
+    else:
+        paths = sorted({Path(p) for p in evalsets.retrieval_set(kind, root, split).images})
     out = []
     for p in paths:
         try:
@@ -142,7 +149,7 @@ def hash_evalset(items: list[tuple[str, str]]) -> pa.Table:
     for ident, path in items:
         row = {"id": ident, "path": path, "phash": None, "phash_mirror": None, "error": None}
         try:
-            with open(path, "rb") as f:
+            with fsspec.open(path, "rb") as f:
                 row["phash"], row["phash_mirror"] = dedup.phash(_decode(f.read()))
         except Exception as e:  # noqa: BLE001 - an unreadable evaluation image is reported, not fatal
             row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -234,7 +241,7 @@ class ImageSource:
             if r in shard_of:
                 by_shard[shard_of[r]].add(r)
             else:
-                with open(self.eval_paths[r], "rb") as f:
+                with fsspec.open(self.eval_paths[r], "rb") as f:
                     out[r] = _decode(f.read())
         for shard, keys in sorted(by_shard.items()):
             for key, files in image_members(self.tar_of_shard(shard)):

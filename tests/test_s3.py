@@ -54,7 +54,9 @@ def test_demo_on_s3_end_to_end_with_nothing_on_local_disk(ray_session, s3_bucket
     assert "regions rescored with the trained caft-tiny" in out
     assert main(["status", run, "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert st["accounted"] and st["urls"] == 18 and st["accounting"]["ok"] == 15  # 5 families x 3 + 3 broken
+    # 5 families x 3 + 3 broken, + the demo's seeded duplicate URL and copy of an evaluation image (synth/evalset on S3)
+    assert st["accounted"] and st["urls"] == 20 and st["accounting"]["ok"] == 17, st
+    assert st["dedup"]["duplicates"].get("same url") == 1 and st["dedup"]["contaminated"] == {"synth-heldout": 1}, st["dedup"]
     assert main(["eval-pairs", run]) == 0
     assert "local pairs" in capsys.readouterr().out
     assert main(["eval", f"{run}/models/caft-tiny", "synthetic", "--run", run]) == 0
