@@ -108,43 +108,102 @@ def load_nlp(name: str = "blank:en", segmenter: str = "rules"):
 
 
 def split_docs(texts: list[str], nlp, batch_size: int = 256, repetition_n: int = 4) -> list:
-    """Per text: (sentence spans with whitespace trimmed, token measures from spaCy's arrays)."""
+    """Per text: (sentence spans with whitespace trimmed, token measures from spaCy's arrays).
+
+    The spans are doc.sents' (token i > 0 starts a sentence where its SENT_START is 1), read with the measures'
+    attributes in one `Doc.to_array`; a sentence's end is the next one's start, which differs from Span.end_char
+    only by the whitespace that is trimmed anyway."""
+    from spacy.attrs import IDX, IS_PUNCT, IS_SPACE, LOWER, SENT_START
+
+    attrs = [IDX, SENT_START, IS_PUNCT, IS_SPACE, LOWER]
     out = []
-    for text, doc in zip(texts, nlp.pipe(texts, batch_size=batch_size)):
-        spans = []
-        for sent in doc.sents:
-            a, b = sent.start_char, sent.end_char
-            raw = text[a:b]
-            a += len(raw) - len(raw.lstrip())
-            b -= len(raw) - len(raw.rstrip())
-            if b > a:
-                spans.append((a, b))
-        out.append((spans, token_measures(doc, repetition_n)))
+    for text, doc in zip(texts, _docs(texts, nlp, batch_size)):
+        if len(doc) == 0:
+            out.append(([], _measures(None, text, repetition_n)))
+            continue
+        if "sents" in doc.user_hooks or not doc.has_annotation("SENT_START"):
+            spans = _trimmed(text, [(s.start_char, s.end_char) for s in doc.sents])  # raises without boundaries
+            arr = doc.to_array(attrs)
+        else:
+            arr = doc.to_array(attrs)
+            starts = arr[1:, 0][arr[1:, 1] == 1].tolist()
+            spans = _trimmed(text, zip([0] + starts, starts + [len(text)]))
+        out.append((spans, _measures(arr[:, 2:], text, repetition_n)))
     return out
 
 
-def token_measures(doc, n: int) -> dict:
+def _docs(texts, nlp, batch_size):
+    """nlp.pipe(texts); where every component is a plain function (blank:en with longcap's rules, pysbd or
+    nupunkt), the same thing done here: make_doc, then each component in order, given the text when it takes it
+    (`with_text`, pipeline/segmenters.py) so that it need not rebuild it from the tokens."""
+    procs = [proc for _, proc in nlp.pipeline]
+    if any(hasattr(proc, "pipe") for proc in procs):  # trained components and the sentencizer batch: nlp.pipe
+        yield from nlp.pipe(texts, batch_size=batch_size)
+        return
+    procs = [getattr(proc, "with_text", None) or (lambda doc, text, proc=proc: proc(doc)) for proc in procs]
+    make_doc = nlp.make_doc
+    for text in texts:
+        doc = make_doc(text)
+        for proc in procs:
+            doc = proc(doc, text)
+        yield doc
+
+
+def _trimmed(text: str, bounds) -> list[tuple[int, int]]:
+    spans = []
+    for a, b in bounds:
+        raw = text[a:b]
+        lead, end = len(raw) - len(raw.lstrip()), len(raw.rstrip())
+        if end > lead:
+            spans.append((a + lead, a + end))
+    return spans
+
+
+def token_measures(doc, n: int, text: str | None = None) -> dict:
     """Word count, letters / visible characters (counted by character: "a." has one letter), and the word
-    n-gram repetition ratio, vectorised."""
+    n-gram repetition ratio, vectorised. `text`: doc.text where the caller has it (Doc.text joins every token)."""
     from spacy.attrs import IS_PUNCT, IS_SPACE, LOWER
 
     if len(doc) == 0:
+        return _measures(None, "", n)
+    return _measures(doc.to_array([IS_PUNCT, IS_SPACE, LOWER]), doc.text if text is None else text, n)
+
+
+def _measures(arr, text: str, n: int) -> dict:
+    """token_measures from the doc's [IS_PUNCT, IS_SPACE, LOWER] columns (None: an empty doc)."""
+    if arr is None:
         return {"n_words": 0, "alpha_frac": 0.0, "repetition": 0.0}
-    punct, space, lower = doc.to_array([IS_PUNCT, IS_SPACE, LOWER]).T
-    words = lower[(space == 0) & (punct == 0)]
+    words = arr[:, 2][(arr[:, 1] == 0) & (arr[:, 0] == 0)]
     rep = 0.0
-    if len(words) >= n:
-        grams = np.zeros(len(words) - n + 1, dtype=np.uint64)
+    m = len(words) - n + 1
+    if m > 0:
+        grams = words[:m].copy()
         with np.errstate(over="ignore"):
-            for i in range(n):
-                grams = grams * np.uint64(1_000_003) + words[i:len(words) - n + 1 + i]
-        rep = 1.0 - len(np.unique(grams)) / len(grams)
-    return {"n_words": int(len(words)), "alpha_frac": round(alpha_fraction(doc.text), 4), "repetition": round(rep, 4)}
+            for i in range(1, n):
+                grams *= _GRAM_BASE
+                grams += words[i:m + i]
+        grams.sort()
+        rep = 1.0 - (int(np.count_nonzero(grams[1:] != grams[:-1])) + 1) / m  # distinct n-grams / n-grams
+    return {"n_words": int(len(words)), "alpha_frac": round(_alpha_fraction(text), 4), "repetition": round(rep, 4)}
+
+
+_GRAM_BASE = np.uint64(1_000_003)
+_ASCII_ALPHA = bytes(c for c in range(128) if chr(c).isalpha())
+_ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
+
+
+def _alpha_fraction(text: str) -> float:
+    """quality.alpha_fraction, counted by bytes.translate for ASCII text (str.isalpha/isspace agree on it)."""
+    if not text.isascii():
+        return alpha_fraction(text)
+    b = text.encode("ascii")
+    visible = len(b.translate(None, _ASCII_SPACE))
+    return (len(b) - len(b.translate(None, _ASCII_ALPHA))) / visible if visible else 0.0
 
 
 def text_measures(text: str, n: int) -> dict:
     """token_measures of one text, tokenised only: the numbers the stage's split gives it."""
-    return token_measures(load_nlp("blank:en").make_doc(text), n)
+    return token_measures(load_nlp("blank:en").make_doc(text), n, text)
 
 
 class SentenceSplitter:
