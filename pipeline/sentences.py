@@ -20,10 +20,16 @@ import pyarrow as pa
 from .quality import QualityChecker, alpha_fraction
 from .records import FAILED, OK, SENTENCES, SKIPPED, empty_row, table
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
+_CONTROL_CHARS = r"\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff"
+_CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
 _SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")  # runs of spaces, or any other non-newline whitespace
 _BULLET = re.compile(r"^(?:(?:[-*•·▪‣◦]|\d{1,3}[.)]|#{1,6})\s+)+")
 _EMPHASIS = re.compile(r"\*\*|__")
+# every whitespace character (str.isspace, which is what \s matches) but the space and the newline: with no such
+# character and no two spaces in a row, _SPACES has nothing to replace (a scan for these is 4x faster than _SPACES)
+_OTHER_SPACES = "\t\x0b\x0c\r\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_OTHER_SPACE = re.compile(f"[{_OTHER_SPACES}]")
+_ODD = re.compile(f"[{_CONTROL_CHARS}{_OTHER_SPACES}]")  # either kind: one scan where most captions have neither
 
 
 def decode_text(value) -> tuple[str, bool]:
@@ -44,11 +50,13 @@ def normalize(text: str) -> str:
         text = unicodedata.normalize("NFKC", text)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if _CONTROL.search(text):
+    odd = _ODD.search(text) is not None
+    if odd and _CONTROL.search(text):
         text = _CONTROL.sub(" ", text)
     if "**" in text or "__" in text:
         text = _EMPHASIS.sub("", text)
-    text = _SPACES.sub(" ", text)
+    if "  " in text or (odd and _OTHER_SPACE.search(text)):
+        text = _SPACES.sub(" ", text)
     if "\n" not in text:
         return _BULLET.sub("", text.strip())
     lines = (_BULLET.sub("", line.strip()) for line in text.split("\n"))
@@ -173,7 +181,7 @@ def _measures(arr, text: str, n: int) -> dict:
     """token_measures from the doc's [IS_PUNCT, IS_SPACE, LOWER] columns (None: an empty doc)."""
     if arr is None:
         return {"n_words": 0, "alpha_frac": 0.0, "repetition": 0.0}
-    words = arr[:, 2][(arr[:, 1] == 0) & (arr[:, 0] == 0)]
+    words = arr[:, 2][~(arr[:, 0] | arr[:, 1]).astype(bool)]  # neither punctuation nor space
     rep = 0.0
     m = len(words) - n + 1
     if m > 0:
