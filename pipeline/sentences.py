@@ -9,7 +9,9 @@ caption unless a `strip` action removed text on purpose (recorded in `stripped`)
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import re
 import unicodedata
 
@@ -18,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from .quality import QualityChecker, alpha_fraction
-from .records import FAILED, OK, SENTENCES, SKIPPED, empty_row, table
+from .records import FAILED, OK, SENTENCES, SKIPPED, table
 
 _CONTROL_CHARS = r"\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff"
 _CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
@@ -214,6 +216,22 @@ def text_measures(text: str, n: int) -> dict:
     return token_measures(load_nlp("blank:en").make_doc(text), n, text)
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for the duration (back on after, if it was on). A shard allocates
+    tens of thousands of small containers (rows, sentence and span lists), which set off the collector's passes,
+    full ones included, over every object of the process: about a fifth of the stage's time on 4,000 long
+    captions (BENCHMARKS.md), for nothing, as the stage makes no reference cycles (blank spaCy Docs are freed by
+    reference counting; tests/test_sentences.py checks that a shard leaves no garbage for the collector)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 class SentenceSplitter:
     """The stage's logic over a captions table (no Ray, no files)."""
 
@@ -223,11 +241,15 @@ class SentenceSplitter:
         self.quality = QualityChecker(cfg.quality)
 
     def split_shard(self, captions: pa.Table) -> pa.Table:
+        with _collector_paused():
+            return self._split_shard(captions)
+
+    def _split_shard(self, captions: pa.Table) -> pa.Table:
         rows = captions.select(["key", "captioner", "prompt_id", "text", "finish_reason", "status", "error"]).to_pylist()
         todo, texts = [], []
         out = []
         for r in rows:
-            row = empty_row(SENTENCES, key=r["key"], captioner=r["captioner"], prompt_id=r["prompt_id"])
+            row = {"key": r["key"], "captioner": r["captioner"], "prompt_id": r["prompt_id"]}  # table(): absent = null
             if r["status"] != OK:
                 row.update(status=SKIPPED, error=f"caption not ok ({r['status']}): {r['error']}",
                            excluded=True, exclude_reasons=["no caption"])

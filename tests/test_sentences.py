@@ -219,3 +219,25 @@ def test_split_docs_fast_paths_match_the_plain_spacy_reading(texts, segmenter, n
     texts = [normalize(t) for t in texts] + texts  # the stage's input, and raw text (model/evaluate.py's)
     nlp = load_nlp("blank:en", segmenter)
     assert split_docs(texts, nlp, repetition_n=n) == _reference_split(texts, nlp, n)
+
+
+@pytest.mark.parametrize("segmenter", ["rules", "sentencizer"])
+def test_a_shard_leaves_no_cycles_and_the_collector_as_it_was(segmenter):
+    """The stage pauses the cyclic collector while it splits a shard: that is only free if it makes no cycles."""
+    import gc
+
+    s = SentenceSplitter(SentencesSection(segmenter=segmenter))
+    table = captions(["The image shows a red cube. It is shiny!", "A cat. A cat. A cat. A cat. A cat. A cat.", "",
+                      "- a lamp\n- a mug", "caf\ufffd au lait (approx. 3 cups)... Dr. Lee waves."] * 20)
+    s.split_shard(table)  # warm-up: spaCy's lazily built state
+    gc.collect()
+    gc.disable()
+    try:
+        out = s.split_shard(table)
+        assert not gc.isenabled()  # left as it was (off)
+        del out
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    s.split_shard(table)
+    assert gc.isenabled()
