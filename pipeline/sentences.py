@@ -122,23 +122,28 @@ def split_docs(texts: list[str], nlp, batch_size: int = 256, repetition_n: int =
 
     The spans are doc.sents' (token i > 0 starts a sentence where its SENT_START is 1), read with the measures'
     attributes in one `Doc.to_array`; a sentence's end is the next one's start, which differs from Span.end_char
-    only by the whitespace that is trimmed anyway."""
+    only by the whitespace that is trimmed anyway. The measures are computed batch_size docs at a time."""
     from spacy.attrs import IDX, IS_PUNCT, IS_SPACE, LOWER, SENT_START
 
     attrs = [IDX, SENT_START, IS_PUNCT, IS_SPACE, LOWER]
-    out = []
+    out, spans, cols, done = [], [], [], []
     for text, doc in zip(texts, _docs(texts, nlp, batch_size)):
+        done.append(text)
         if len(doc) == 0:
-            out.append(([], _measures(None, text, repetition_n)))
-            continue
-        if "sents" in doc.user_hooks or not doc.has_annotation("SENT_START"):
-            spans = _trimmed(text, [(s.start_char, s.end_char) for s in doc.sents])  # raises without boundaries
-            arr = doc.to_array(attrs)
+            spans.append([])
+            cols.append(None)
+        elif "sents" in doc.user_hooks or not doc.has_annotation("SENT_START"):
+            spans.append(_trimmed(text, [(s.start_char, s.end_char) for s in doc.sents]))  # raises without any
+            cols.append(doc.to_array(attrs)[:, 2:])
         else:
             arr = doc.to_array(attrs)
             starts = arr[1:, 0][arr[1:, 1] == 1].tolist()
-            spans = _trimmed(text, zip([0] + starts, starts + [len(text)]))
-        out.append((spans, _measures(arr[:, 2:], text, repetition_n)))
+            spans.append(_trimmed(text, zip([0] + starts, starts + [len(text)])))
+            cols.append(arr[:, 2:])
+        if len(done) >= batch_size:
+            out.extend(zip(spans, _batch_measures(cols, done, repetition_n)))
+            spans, cols, done = [], [], []
+    out.extend(zip(spans, _batch_measures(cols, done, repetition_n)))
     return out
 
 
@@ -175,26 +180,48 @@ def token_measures(doc, n: int, text: str | None = None) -> dict:
     from spacy.attrs import IS_PUNCT, IS_SPACE, LOWER
 
     if len(doc) == 0:
-        return _measures(None, "", n)
-    return _measures(doc.to_array([IS_PUNCT, IS_SPACE, LOWER]), doc.text if text is None else text, n)
+        return _batch_measures([None], [""], n)[0]
+    return _batch_measures([doc.to_array([IS_PUNCT, IS_SPACE, LOWER])], [doc.text if text is None else text], n)[0]
 
 
-def _measures(arr, text: str, n: int) -> dict:
-    """token_measures from the doc's [IS_PUNCT, IS_SPACE, LOWER] columns (None: an empty doc)."""
-    if arr is None:
-        return {"n_words": 0, "alpha_frac": 0.0, "repetition": 0.0}
-    words = arr[:, 2][~(arr[:, 0] | arr[:, 1]).astype(bool)]  # neither punctuation nor space
-    rep = 0.0
-    m = len(words) - n + 1
-    if m > 0:
-        grams = words[:m].copy()
-        with np.errstate(over="ignore"):
-            for i in range(1, n):
-                grams *= _GRAM_BASE
-                grams += words[i:m + i]
-        grams.sort()
-        rep = 1.0 - (int(np.count_nonzero(grams[1:] != grams[:-1])) + 1) / m  # distinct n-grams / n-grams
-    return {"n_words": int(len(words)), "alpha_frac": round(_alpha_fraction(text), 4), "repetition": round(rep, 4)}
+def _batch_measures(cols: list, texts: list[str], n: int) -> list[dict]:
+    """token_measures of many docs from their [IS_PUNCT, IS_SPACE, LOWER] columns (None: an empty doc): masks,
+    word counts and n-gram hashes over the docs' columns put together, then one in-place sort per doc's n-grams
+    and the distinct ones counted for all at once (numpy calls per doc cost more than the work on ~200 tokens)."""
+    k = len(cols)
+    n_words, grams_per_doc, distinct = [0] * k, [0] * k, [0] * k
+    lens = [0 if c is None else len(c) for c in cols]
+    if any(lens):
+        tokens = np.concatenate([c for c in cols if c is not None and len(c)])
+        is_word = ~(tokens[:, 0] | tokens[:, 1]).astype(bool)  # neither punctuation nor space
+        words, words_of = tokens[:, 2][is_word], np.repeat(np.arange(k), lens)[is_word]  # and the doc of each
+        n_words = np.bincount(words_of, minlength=k).tolist()
+        m = len(words) - n + 1
+        if m > 0:
+            inside = words_of[:m] == words_of[n - 1:]  # the n-gram starting here lies in one doc
+            grams = words[:m].copy()
+            with np.errstate(over="ignore"):
+                for i in range(1, n):
+                    grams *= _GRAM_BASE
+                    grams += words[i:m + i]
+            grams, owner = grams[inside], words_of[:m][inside]  # owner ascending: each doc's n-grams together
+            counts = np.bincount(owner, minlength=k)
+            end = 0
+            for c in counts.tolist():
+                if c > 1:
+                    grams[end:end + c].sort()
+                end += c
+            new = np.ones(len(grams), dtype=bool)
+            new[1:] = (grams[1:] != grams[:-1]) | (owner[1:] != owner[:-1])
+            grams_per_doc, distinct = counts.tolist(), np.bincount(owner[new], minlength=k).tolist()
+    out = []
+    for c, text, w, g, d in zip(cols, texts, n_words, grams_per_doc, distinct):
+        if c is None:
+            out.append({"n_words": 0, "alpha_frac": 0.0, "repetition": 0.0})
+            continue
+        rep = 1.0 - d / g if g > 0 else 0.0  # 1 - distinct n-grams / n-grams
+        out.append({"n_words": w, "alpha_frac": round(_alpha_fraction(text), 4), "repetition": round(rep, 4)})
+    return out
 
 
 _GRAM_BASE = np.uint64(1_000_003)

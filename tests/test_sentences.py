@@ -212,13 +212,16 @@ def _reference_split(texts, nlp, n):
 @settings(max_examples=100, deadline=None)
 @given(texts=st.lists(TEXT | st.sampled_from(["A cat. A cat. A cat. A cat. A cat. A cat.", "ÉTÉ à Paris. Oui!", ""]),
                       min_size=1, max_size=5),
-       segmenter=st.sampled_from(["rules", "sentencizer"]), n=st.sampled_from([1, 2, 4]))
-def test_split_docs_fast_paths_match_the_plain_spacy_reading(texts, segmenter, n):
-    from pipeline.sentences import split_docs
+       segmenter=st.sampled_from(["rules", "sentencizer"]), n=st.sampled_from([1, 2, 4]),
+       batch_size=st.sampled_from([1, 3, 256]))
+def test_split_docs_fast_paths_match_the_plain_spacy_reading(texts, segmenter, n, batch_size):
+    from pipeline.sentences import split_docs, text_measures
 
     texts = [normalize(t) for t in texts] + texts  # the stage's input, and raw text (model/evaluate.py's)
     nlp = load_nlp("blank:en", segmenter)
-    assert split_docs(texts, nlp, repetition_n=n) == _reference_split(texts, nlp, n)
+    want = _reference_split(texts, nlp, n)
+    assert split_docs(texts, nlp, batch_size=batch_size, repetition_n=n) == want
+    assert [text_measures(t, n) for t in texts] == [m for _, m in want]  # the captions stage's measures
 
 
 @pytest.mark.parametrize("segmenter", ["rules", "sentencizer"])
