@@ -247,9 +247,9 @@ def text_measures(text: str, n: int) -> dict:
 def _collector_paused():
     """Python's cyclic garbage collector off for the duration (back on after, if it was on). A shard allocates
     tens of thousands of small containers (rows, sentence and span lists), which set off the collector's passes,
-    full ones included, over every object of the process: about a fifth of the stage's time on 4,000 long
-    captions (BENCHMARKS.md), for nothing, as the stage makes no reference cycles (blank spaCy Docs are freed by
-    reference counting; tests/test_sentences.py checks that a shard leaves no garbage for the collector)."""
+    full ones included, over every object of the process: 10-20% of the stage's time on 4,000 long captions
+    (BENCHMARKS.md), for nothing, as the stage makes no reference cycles (blank spaCy Docs are freed by reference
+    counting; tests/test_sentences.py checks that a shard leaves no garbage for the collector)."""
     was_on = gc.isenabled()
     gc.disable()
     try:
