@@ -7,13 +7,17 @@ Part 2: the whole stage (normalisation, split, quality measures and flags, strip
 long captions (100-250 words) against its segmenter alone through nlp.pipe on the same captions, for the
 default (rules) and for spaCy's sentencizer (the old default).
 Rates are captions per CPU second of this process (time.process_time; the work is single-threaded), so a
-machine shared with other jobs slows them less than wall-clock rates; they are captions/s per core.
+machine shared with other jobs slows them less than wall-clock rates; they are captions/s per core. Each repeat
+also times spaCy's tokenizer alone (nlp.make_doc, the floor under any spaCy segmenter) and records the machine's
+load average, since the ratio stage / segmenter in one repeat holds better than the absolute rates on a shared
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -89,20 +93,31 @@ def stage_vs_segmenter(segmenter: str, n: int, repeats: int) -> dict:
     stage = SentenceSplitter(SentencesSection(segmenter=segmenter))
     best = {"segmenter": 0.0, "stage": 0.0}
     ratios = []
+    best["tokenizer"] = 0.0
+    stage.split_shard(table)  # warm-up
     for r in range(repeats):
+        load = os.getloadavg()[0]
+        t0 = time.process_time()
+        for text in texts:
+            raw.make_doc(text)
+        tok = len(texts) / (time.process_time() - t0)
         t0 = time.process_time()
         n_raw = sum(1 for doc in raw.pipe(texts, batch_size=256) for _ in doc.sents)
         seg = len(texts) / (time.process_time() - t0)
         t0 = time.process_time()
         out = stage.split_shard(table)
         st = len(texts) / (time.process_time() - t0)
-        best = {"segmenter": max(best["segmenter"], seg), "stage": max(best["stage"], st)}
+        best = {"tokenizer": max(best["tokenizer"], tok), "segmenter": max(best["segmenter"], seg),
+                "stage": max(best["stage"], st)}
         ratios.append(round(st / seg, 3))
-        print(json.dumps({"segmenter": segmenter, "repeat": r, "segmenter_captions_per_s": round(seg, 1),
-                          "stage_captions_per_s": round(st, 1), "sentences_segmenter": n_raw,
-                          "sentences_stage": sum(out["n_sentences"].to_pylist())}), flush=True)
+        print(json.dumps({"segmenter": segmenter, "repeat": r, "load_1min": round(load, 2),
+                          "tokenizer_captions_per_s": round(tok, 1), "segmenter_captions_per_s": round(seg, 1),
+                          "stage_captions_per_s": round(st, 1), "ratio": round(st / seg, 3),
+                          "sentences_segmenter": n_raw, "sentences_stage": sum(out["n_sentences"].to_pylist())}),
+              flush=True)
     return {"summary": True, "segmenter": segmenter, "captions": len(texts),
             "mean_words": round(sum(len(t.split()) for t in texts) / len(texts), 1),
+            "tokenizer_captions_per_s": round(best["tokenizer"], 1),
             "segmenter_captions_per_s": round(best["segmenter"], 1), "stage_captions_per_s": round(best["stage"], 1),
             "ratio": round(best["stage"] / best["segmenter"], 3), "ratios_per_repeat": ratios}
 
@@ -113,12 +128,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gold", action="store_true", help="part 1: every candidate on the labelled captions")
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--segmenters", default="rules,sentencizer", help="part 2: the stage with these segmenters")
     args = ap.parse_args()
     if args.gold:
         for c in args.candidates.split(","):
             print(json.dumps(gold_scores(c, args.repeats)), flush=True)
         return
-    for c in ("rules", "sentencizer"):
+    for c in args.segmenters.split(","):
         print(json.dumps(stage_vs_segmenter(c, args.captions, args.repeats)), flush=True)
 
 

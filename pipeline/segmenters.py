@@ -76,8 +76,18 @@ def set_starts(doc, starts) -> None:
 
 
 def rules_component(doc):
-    set_starts(doc, rule_starts(doc.text))
+    return _rules(doc, doc.text)
+
+
+def _rules(doc, text):
+    set_starts(doc, rule_starts(text))
     return doc
+
+
+# Every component here reads the text, and `Doc.text` rebuilds it by joining every token (as long as the tokenizer
+# itself on long captions). `with_text(doc, text)`: the same component given the text the Doc was made from, which
+# the sentences stage has (pipeline/sentences.py split_docs); spaCy calls the component itself.
+rules_component.with_text = _rules
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,19 +98,29 @@ def _pysbd():
 
 
 def pysbd_component(doc):
-    text = doc.text
+    return _pysbd_split(doc, doc.text)
+
+
+def _pysbd_split(doc, text):
     starts = {s.start + len(s.sent) - len(s.sent.lstrip()) for s in _pysbd().segment(text)}
     set_starts(doc, sorted(starts | set(newline_starts(text))))
     return doc
 
 
 def nupunkt_component(doc):
+    return _nupunkt_split(doc, doc.text)
+
+
+def _nupunkt_split(doc, text):
     import nupunkt
 
-    text = doc.text
     starts = {a + len(text[a:b]) - len(text[a:b].lstrip()) for a, b in nupunkt.sent_spans(text)}
     set_starts(doc, sorted(starts | set(newline_starts(text))))
     return doc
+
+
+pysbd_component.with_text = _pysbd_split
+nupunkt_component.with_text = _nupunkt_split
 
 
 COMPONENTS = {"rules": ("longcap_rules", rules_component), "pysbd": ("longcap_pysbd", pysbd_component),

@@ -9,7 +9,9 @@ caption unless a `strip` action removed text on purpose (recorded in `stripped`)
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import re
 import unicodedata
 
@@ -18,12 +20,18 @@ import numpy as np
 import pyarrow as pa
 
 from .quality import QualityChecker, alpha_fraction
-from .records import FAILED, OK, SENTENCES, SKIPPED, empty_row, table
+from .records import FAILED, OK, SENTENCES, SKIPPED, table
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
+_CONTROL_CHARS = r"\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff"
+_CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
 _SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")  # runs of spaces, or any other non-newline whitespace
 _BULLET = re.compile(r"^(?:(?:[-*•·▪‣◦]|\d{1,3}[.)]|#{1,6})\s+)+")
 _EMPHASIS = re.compile(r"\*\*|__")
+# every whitespace character (str.isspace, which is what \s matches) but the space and the newline: with no such
+# character and no two spaces in a row, _SPACES has nothing to replace (a scan for these is 4x faster than _SPACES)
+_OTHER_SPACES = "\t\x0b\x0c\r\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_OTHER_SPACE = re.compile(f"[{_OTHER_SPACES}]")
+_ODD = re.compile(f"[{_CONTROL_CHARS}{_OTHER_SPACES}]")  # either kind: one scan where most captions have neither
 
 
 def decode_text(value) -> tuple[str, bool]:
@@ -44,11 +52,13 @@ def normalize(text: str) -> str:
         text = unicodedata.normalize("NFKC", text)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if _CONTROL.search(text):
+    odd = _ODD.search(text) is not None
+    if odd and _CONTROL.search(text):
         text = _CONTROL.sub(" ", text)
     if "**" in text or "__" in text:
         text = _EMPHASIS.sub("", text)
-    text = _SPACES.sub(" ", text)
+    if "  " in text or (odd and _OTHER_SPACE.search(text)):
+        text = _SPACES.sub(" ", text)
     if "\n" not in text:
         return _BULLET.sub("", text.strip())
     lines = (_BULLET.sub("", line.strip()) for line in text.split("\n"))
@@ -108,43 +118,145 @@ def load_nlp(name: str = "blank:en", segmenter: str = "rules"):
 
 
 def split_docs(texts: list[str], nlp, batch_size: int = 256, repetition_n: int = 4) -> list:
-    """Per text: (sentence spans with whitespace trimmed, token measures from spaCy's arrays)."""
-    out = []
-    for text, doc in zip(texts, nlp.pipe(texts, batch_size=batch_size)):
-        spans = []
-        for sent in doc.sents:
-            a, b = sent.start_char, sent.end_char
-            raw = text[a:b]
-            a += len(raw) - len(raw.lstrip())
-            b -= len(raw) - len(raw.rstrip())
-            if b > a:
-                spans.append((a, b))
-        out.append((spans, token_measures(doc, repetition_n)))
+    """Per text: (sentence spans with whitespace trimmed, token measures from spaCy's arrays).
+
+    The spans are doc.sents' (token i > 0 starts a sentence where its SENT_START is 1), read with the measures'
+    attributes in one `Doc.to_array`; a sentence's end is the next one's start, which differs from Span.end_char
+    only by the whitespace that is trimmed anyway. The measures are computed batch_size docs at a time."""
+    from spacy.attrs import IDX, IS_PUNCT, IS_SPACE, LOWER, SENT_START
+
+    attrs = [IDX, SENT_START, IS_PUNCT, IS_SPACE, LOWER]
+    out, spans, cols, done = [], [], [], []
+    for text, doc in zip(texts, _docs(texts, nlp, batch_size)):
+        done.append(text)
+        if len(doc) == 0:
+            spans.append([])
+            cols.append(None)
+        elif "sents" in doc.user_hooks or not doc.has_annotation("SENT_START"):
+            spans.append(_trimmed(text, [(s.start_char, s.end_char) for s in doc.sents]))  # raises without any
+            cols.append(doc.to_array(attrs)[:, 2:])
+        else:
+            arr = doc.to_array(attrs)
+            starts = arr[1:, 0][arr[1:, 1] == 1].tolist()
+            spans.append(_trimmed(text, zip([0] + starts, starts + [len(text)])))
+            cols.append(arr[:, 2:])
+        if len(done) >= batch_size:
+            out.extend(zip(spans, _batch_measures(cols, done, repetition_n)))
+            spans, cols, done = [], [], []
+    out.extend(zip(spans, _batch_measures(cols, done, repetition_n)))
     return out
 
 
-def token_measures(doc, n: int) -> dict:
+def _docs(texts, nlp, batch_size):
+    """nlp.pipe(texts); where every component is a plain function (blank:en with longcap's rules, pysbd or
+    nupunkt), the same thing done here: make_doc, then each component in order, given the text when it takes it
+    (`with_text`, pipeline/segmenters.py) so that it need not rebuild it from the tokens."""
+    procs = [proc for _, proc in nlp.pipeline]
+    if any(hasattr(proc, "pipe") for proc in procs):  # trained components and the sentencizer batch: nlp.pipe
+        yield from nlp.pipe(texts, batch_size=batch_size)
+        return
+    procs = [getattr(proc, "with_text", None) or (lambda doc, text, proc=proc: proc(doc)) for proc in procs]
+    make_doc = nlp.make_doc
+    for text in texts:
+        doc = make_doc(text)
+        for proc in procs:
+            doc = proc(doc, text)
+        yield doc
+
+
+def _trimmed(text: str, bounds) -> list[tuple[int, int]]:
+    spans = []
+    for a, b in bounds:
+        raw = text[a:b]
+        lead, end = len(raw) - len(raw.lstrip()), len(raw.rstrip())
+        if end > lead:
+            spans.append((a + lead, a + end))
+    return spans
+
+
+def token_measures(doc, n: int, text: str | None = None) -> dict:
     """Word count, letters / visible characters (counted by character: "a." has one letter), and the word
-    n-gram repetition ratio, vectorised."""
+    n-gram repetition ratio, vectorised. `text`: doc.text where the caller has it (Doc.text joins every token)."""
     from spacy.attrs import IS_PUNCT, IS_SPACE, LOWER
 
     if len(doc) == 0:
-        return {"n_words": 0, "alpha_frac": 0.0, "repetition": 0.0}
-    punct, space, lower = doc.to_array([IS_PUNCT, IS_SPACE, LOWER]).T
-    words = lower[(space == 0) & (punct == 0)]
-    rep = 0.0
-    if len(words) >= n:
-        grams = np.zeros(len(words) - n + 1, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for i in range(n):
-                grams = grams * np.uint64(1_000_003) + words[i:len(words) - n + 1 + i]
-        rep = 1.0 - len(np.unique(grams)) / len(grams)
-    return {"n_words": int(len(words)), "alpha_frac": round(alpha_fraction(doc.text), 4), "repetition": round(rep, 4)}
+        return _batch_measures([None], [""], n)[0]
+    return _batch_measures([doc.to_array([IS_PUNCT, IS_SPACE, LOWER])], [doc.text if text is None else text], n)[0]
+
+
+def _batch_measures(cols: list, texts: list[str], n: int) -> list[dict]:
+    """token_measures of many docs from their [IS_PUNCT, IS_SPACE, LOWER] columns (None: an empty doc): masks,
+    word counts and n-gram hashes over the docs' columns put together, then one in-place sort per doc's n-grams
+    and the distinct ones counted for all at once (numpy calls per doc cost more than the work on ~200 tokens)."""
+    k = len(cols)
+    n_words, grams_per_doc, distinct = [0] * k, [0] * k, [0] * k
+    lens = [0 if c is None else len(c) for c in cols]
+    if any(lens):
+        tokens = np.concatenate([c for c in cols if c is not None and len(c)])
+        is_word = ~(tokens[:, 0] | tokens[:, 1]).astype(bool)  # neither punctuation nor space
+        words, words_of = tokens[:, 2][is_word], np.repeat(np.arange(k), lens)[is_word]  # and the doc of each
+        n_words = np.bincount(words_of, minlength=k).tolist()
+        m = len(words) - n + 1
+        if m > 0:
+            inside = words_of[:m] == words_of[n - 1:]  # the n-gram starting here lies in one doc
+            grams = words[:m].copy()
+            with np.errstate(over="ignore"):
+                for i in range(1, n):
+                    grams *= _GRAM_BASE
+                    grams += words[i:m + i]
+            grams, owner = grams[inside], words_of[:m][inside]  # owner ascending: each doc's n-grams together
+            counts = np.bincount(owner, minlength=k)
+            end = 0
+            for c in counts.tolist():
+                if c > 1:
+                    grams[end:end + c].sort()
+                end += c
+            new = np.ones(len(grams), dtype=bool)
+            new[1:] = (grams[1:] != grams[:-1]) | (owner[1:] != owner[:-1])
+            grams_per_doc, distinct = counts.tolist(), np.bincount(owner[new], minlength=k).tolist()
+    out = []
+    for c, text, w, g, d in zip(cols, texts, n_words, grams_per_doc, distinct):
+        if c is None:
+            out.append({"n_words": 0, "alpha_frac": 0.0, "repetition": 0.0})
+            continue
+        rep = 1.0 - d / g if g > 0 else 0.0  # 1 - distinct n-grams / n-grams
+        out.append({"n_words": w, "alpha_frac": round(_alpha_fraction(text), 4), "repetition": round(rep, 4)})
+    return out
+
+
+_GRAM_BASE = np.uint64(1_000_003)
+_ASCII_ALPHA = bytes(c for c in range(128) if chr(c).isalpha())
+_ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
+
+
+def _alpha_fraction(text: str) -> float:
+    """quality.alpha_fraction, counted by bytes.translate for ASCII text (str.isalpha/isspace agree on it)."""
+    if not text.isascii():
+        return alpha_fraction(text)
+    b = text.encode("ascii")
+    visible = len(b.translate(None, _ASCII_SPACE))
+    return (len(b) - len(b.translate(None, _ASCII_ALPHA))) / visible if visible else 0.0
 
 
 def text_measures(text: str, n: int) -> dict:
     """token_measures of one text, tokenised only: the numbers the stage's split gives it."""
-    return token_measures(load_nlp("blank:en").make_doc(text), n)
+    return token_measures(load_nlp("blank:en").make_doc(text), n, text)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for the duration (back on after, if it was on). A shard allocates
+    tens of thousands of small containers (rows, sentence and span lists), which set off the collector's passes,
+    full ones included, over every object of the process: 10-20% of the stage's time on 4,000 long captions
+    (BENCHMARKS.md), for nothing, as the stage makes no reference cycles (blank spaCy Docs are freed by reference
+    counting; tests/test_sentences.py checks that a shard leaves no garbage for the collector)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 class SentenceSplitter:
@@ -156,11 +268,15 @@ class SentenceSplitter:
         self.quality = QualityChecker(cfg.quality)
 
     def split_shard(self, captions: pa.Table) -> pa.Table:
+        with _collector_paused():
+            return self._split_shard(captions)
+
+    def _split_shard(self, captions: pa.Table) -> pa.Table:
         rows = captions.select(["key", "captioner", "prompt_id", "text", "finish_reason", "status", "error"]).to_pylist()
         todo, texts = [], []
         out = []
         for r in rows:
-            row = empty_row(SENTENCES, key=r["key"], captioner=r["captioner"], prompt_id=r["prompt_id"])
+            row = {"key": r["key"], "captioner": r["captioner"], "prompt_id": r["prompt_id"]}  # table(): absent = null
             if r["status"] != OK:
                 row.update(status=SKIPPED, error=f"caption not ok ({r['status']}): {r['error']}",
                            excluded=True, exclude_reasons=["no caption"])

@@ -159,3 +159,88 @@ def test_unknown_spacy_pipeline_is_a_clear_error():
 def test_rule_segmenter_on_cases_outside_the_labelled_set(splitter, text, want):
     (r,) = split(splitter, [text])
     assert r["sentences"] == want
+
+
+def test_other_space_is_every_whitespace_but_space_and_newline():
+    import re
+    import sys
+
+    from pipeline.sentences import _ODD, _OTHER_SPACE
+
+    want = {chr(c) for c in range(sys.maxunicode + 1) if re.match(r"\s", chr(c))} - {" ", "\n"}
+    for c in range(sys.maxunicode + 1):
+        ch = chr(c)
+        assert (_OTHER_SPACE.match(ch) is not None) == (ch in want), hex(c)
+        assert (_ODD.match(ch) is not None) == (ch in want or re.match(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f"
+                                                                      r"\u2028\u2029\ufeff]", ch) is not None), hex(c)
+
+
+def _reference_split(texts, nlp, n):
+    """split_docs as it was written first: nlp.pipe, doc.sents, np.unique, quality.alpha_fraction on doc.text."""
+    import numpy as np
+    from spacy.attrs import IS_PUNCT, IS_SPACE, LOWER
+
+    from pipeline.quality import alpha_fraction
+
+    out = []
+    for text, doc in zip(texts, nlp.pipe(texts)):
+        spans = []
+        for sent in doc.sents:
+            a, b = sent.start_char, sent.end_char
+            raw = text[a:b]
+            a += len(raw) - len(raw.lstrip())
+            b -= len(raw) - len(raw.rstrip())
+            if b > a:
+                spans.append((a, b))
+        if len(doc) == 0:
+            out.append((spans, {"n_words": 0, "alpha_frac": 0.0, "repetition": 0.0}))
+            continue
+        punct, space, lower = doc.to_array([IS_PUNCT, IS_SPACE, LOWER]).T
+        words = lower[(space == 0) & (punct == 0)]
+        rep = 0.0
+        if len(words) >= n:
+            grams = np.zeros(len(words) - n + 1, dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                for i in range(n):
+                    grams = grams * np.uint64(1_000_003) + words[i:len(words) - n + 1 + i]
+            rep = 1.0 - len(np.unique(grams)) / len(grams)
+        out.append((spans, {"n_words": int(len(words)), "alpha_frac": round(alpha_fraction(doc.text), 4),
+                            "repetition": round(rep, 4)}))
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(texts=st.lists(TEXT | st.sampled_from(["A cat. A cat. A cat. A cat. A cat. A cat.", "ÉTÉ à Paris. Oui!", ""]),
+                      min_size=1, max_size=5),
+       segmenter=st.sampled_from(["rules", "sentencizer"]), n=st.sampled_from([1, 2, 4]),
+       batch_size=st.sampled_from([1, 3, 256]))
+def test_split_docs_fast_paths_match_the_plain_spacy_reading(texts, segmenter, n, batch_size):
+    from pipeline.sentences import split_docs, text_measures
+
+    texts = [normalize(t) for t in texts] + texts  # the stage's input, and raw text (model/evaluate.py's)
+    nlp = load_nlp("blank:en", segmenter)
+    want = _reference_split(texts, nlp, n)
+    assert split_docs(texts, nlp, batch_size=batch_size, repetition_n=n) == want
+    assert [text_measures(t, n) for t in texts] == [m for _, m in want]  # the captions stage's measures
+
+
+@pytest.mark.parametrize("segmenter", ["rules", "sentencizer"])
+def test_a_shard_leaves_no_cycles_and_the_collector_as_it_was(segmenter):
+    """The stage pauses the cyclic collector while it splits a shard: that is only free if it makes no cycles."""
+    import gc
+
+    s = SentenceSplitter(SentencesSection(segmenter=segmenter))
+    table = captions(["The image shows a red cube. It is shiny!", "A cat. A cat. A cat. A cat. A cat. A cat.", "",
+                      "- a lamp\n- a mug", "caf\ufffd au lait (approx. 3 cups)... Dr. Lee waves."] * 20)
+    s.split_shard(table)  # warm-up: spaCy's lazily built state
+    gc.collect()
+    gc.disable()
+    try:
+        out = s.split_shard(table)
+        assert not gc.isenabled()  # left as it was (off)
+        del out
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    s.split_shard(table)
+    assert gc.isenabled()
