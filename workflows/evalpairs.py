@@ -36,20 +36,23 @@ def pair_metrics(items: list[dict], min_iou: float = 0.5) -> dict:
             "coverage": round(covered / n, 4) if n else None}
 
 
-def collect_items(run: RunDir, shards: list[int], stage: str = "regions", rescore=None) -> tuple[dict, int, dict]:
+def collect_items(run: RunDir, shards: list[int], stage: str = "regions", rescore=None,
+                  path=None) -> tuple[dict, int, dict]:
     """Per sentence kind, the evaluation items of every regions row whose image has synthetic truth; the
     sentences not found in the truth; the kind classifier's counts (truth kind -> predicted kind).
 
-    rescore: a RegionPairer that re-pairs the stage's regions in memory (an ablation) instead of reading them."""
+    rescore: a RegionPairer that re-pairs the stage's regions in memory (an ablation) instead of reading them.
+    path: shard -> the regions-schema file to read instead of the stage's (a self-training round's)."""
     truth = {r["id"]: {s["text"]: s for s in r["sentences"]}
              for r in read_table(run.synth("truth.parquet"), ["id", "sentences"]).to_pylist()}
     items, unmatched, kinds = defaultdict(list), 0, defaultdict(lambda: defaultdict(int))
+    path = path or (lambda s: run.output(stage, s))
     for shard in shards:
-        if not run.is_done(stage, shard):
+        if not exists(path(shard)):
             continue
         meta = read_images_meta(run.images(), shard)
         ids = {r["key"]: r["id"] for r in meta.select(["key", "id"]).to_pylist()}
-        table = read_table(run.output(stage, shard), ["key", "regions", "matches"])
+        table = read_table(path(shard), ["key", "regions", "matches"])
         if rescore is not None:
             fixed = {r["key"]: r["regions"] for r in table.select(["key", "regions"]).to_pylist() if r["regions"]}
             table = rescore.pair_shard(meta, run.images(f"{shard_name(shard)}.tar"),
