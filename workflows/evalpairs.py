@@ -110,6 +110,27 @@ def detector_map50(run: RunDir, cfg) -> dict:
     return {"map50": detection_map50(detector_weights(cfg, run), data, imgsz), "data": data}
 
 
+def selftrain_rounds(run: RunDir, shards: list[int], min_iou: float) -> list[dict]:
+    """The pairs of every round `longcap selftrain` recorded (selftrain/rounds.json), measured like the stage's."""
+    import json
+
+    import fsspec
+
+    if not exists(run.selftrain()):
+        return []
+    with fsspec.open(run.selftrain(), "r") as f:
+        record = json.load(f)
+    out = []
+    for e in record.get("rounds", []):
+        r = e["round"]
+        items, _, _ = collect_items(run, shards, path=lambda s: run.selftrain(f"round-{r}", "regions",
+                                                                              f"{shard_name(s)}.parquet"))
+        out.append({"round": r, "kind": e["kind"], "model": e["model"], "step": e.get("step"),
+                    "pairs": {k: pair_metrics(items.get(k, []), min_iou) for k in KINDS},
+                    "all": pair_metrics([i for k in KINDS for i in items.get(k, [])], min_iou)})
+    return out
+
+
 def evaluate(run_dir: str, min_iou: float = 0.5, with_ablations: bool = False) -> dict:
     from pipeline.config import load_config
 
@@ -132,6 +153,9 @@ def evaluate(run_dir: str, min_iou: float = 0.5, with_ablations: bool = False) -
         caft, _, _ = collect_items(run, shards, "regions_caft")
         report["caft"] = {"pairs": {k: pair_metrics(caft.get(k, []), min_iou) for k in KINDS},
                           "all": pair_metrics([i for k in KINDS for i in caft.get(k, [])], min_iou)}
+    rounds = selftrain_rounds(run, shards, min_iou)
+    if rounds:
+        report["selftrain"] = rounds
     if with_ablations:
         report["ablations"] = ablations(run, cfg, shards, min_iou)
     atomic_write_json(run.path("report", "eval_pairs.json"), report)
@@ -148,6 +172,8 @@ def format_report(rep: dict) -> str:
     fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
     tables = [("scorer of the regions stage", rep)] + ([("the trained CAFT (regions-caft/)", rep["caft"])]
                                                       if rep.get("caft") else [])
+    tables += [(f"self-training round {t['round']} ({t['kind']}, {t['model']}, step {t['step']}; selftrain/)", t)
+               for t in rep.get("selftrain") or []]
     tables += [(f"ablation: {name}", t) for name, t in (rep.get("ablations") or {}).items()]
     for title, t in tables:
         if len(tables) > 1:
