@@ -108,8 +108,8 @@ def test_rounds_recorded_then_skipped_resumed_and_redone(run, capsys):
     capsys.readouterr()
     assert main(["eval-pairs", str(run)]) == 0
     text = capsys.readouterr().out
-    assert "self-training round 0 (global, goal-tiny-global)" in text
-    assert "self-training round 1 (local, goal-tiny)" in text
+    assert "self-training round 0 (global, goal-tiny-global, step 3;" in text
+    assert "self-training round 1 (local, goal-tiny, step 3;" in text
 
 
 def test_selftrain_config_checks(tmp_path):
