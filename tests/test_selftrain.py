@@ -104,11 +104,20 @@ def test_rounds_recorded_then_skipped_resumed_and_redone(run, capsys):
     assert changed["rounds"][1]["step"] == 3 and changed["rounds"][1]["settings"]["steps"] == 3
     assert "round 1 (local, goal-tiny): recorded" not in out
 
+    # changed settings of round 0: both rounds are trained again, round 1 from scratch on the new round 0
+    before = (run / "selftrain" / "round-1" / "init-clip.safetensors").stat().st_mtime_ns
+    both, out = loop(run, capsys, "selftrain.local_steps=3", "selftrain.steps=4")
+    assert [e["step"] for e in both["rounds"]] == [4, 3]
+    assert "recorded, skipped" not in out and "selftrain round 1 (local): training goal-tiny" in out
+    assert (run / "selftrain" / "round-1" / "init-clip.safetensors").stat().st_mtime_ns != before
+    rows = (Path(both["rounds"][1]["checkpoint"]).parent / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in rows if '"loss"' in x] == [1, 2, 3]  # not resumed from the old model
+
     # the record is what eval-pairs reports per round
     capsys.readouterr()
     assert main(["eval-pairs", str(run)]) == 0
     text = capsys.readouterr().out
-    assert "self-training round 0 (global, goal-tiny-global, step 3;" in text
+    assert "self-training round 0 (global, goal-tiny-global, step 4;" in text
     assert "self-training round 1 (local, goal-tiny, step 3;" in text
 
 

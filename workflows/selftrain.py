@@ -170,6 +170,7 @@ def selftrain(cfg, run: RunDir, say=print) -> dict:
     regions = cfg.regions.model_copy(update=st.regions)  # the rules the rescoring pairs with
     record = load_record(run)
     done = record["rounds"]
+    ran_before = False
     for r in range(st.rounds + 1):
         s = round_settings(cfg, st, r)
         if r < len(done) and done[r]["settings"] == s:
@@ -177,7 +178,9 @@ def selftrain(cfg, run: RunDir, say=print) -> dict:
             continue
         del done[r:]  # this round and every later one are redone
         marker = run.selftrain(f"round-{r}", "settings.json")
-        if exists(marker):
+        if ran_before:  # the round before was trained again here: this round's old model starts from stale weights
+            _clear_round(run, r)
+        elif exists(marker):
             with fsspec.open(marker, "r") as f:
                 if json.load(f) != s:  # an interrupted round with other settings: start it again
                     _clear_round(run, r)
@@ -199,6 +202,7 @@ def selftrain(cfg, run: RunDir, say=print) -> dict:
             entry.update(m)
             entry["seconds"]["eval"] = round(time.time() - t2, 1)
         done.append(entry)
+        ran_before = True
         atomic_write_json(run.selftrain(), record)
         say(format_round(entry))
     return record
