@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/longcap run configs/demo.yaml
+	$(BIN)/longcap selftrain configs/demo.yaml
 	$(BIN)/longcap eval-pairs runs/demo
 	$(BIN)/longcap eval runs/demo/models/caft-tiny synthetic --run runs/demo
 	$(BIN)/longcap report runs/demo

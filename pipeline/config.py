@@ -446,6 +446,54 @@ class RegionsSection(Strict):
         return self
 
 
+class SelfTrainSection(Strict):
+    """`longcap selftrain`: a scorer trained on the run's own captions (workflows/selftrain.py). Round 0 trains a
+    global-only FAST-GOAL model on the exported captions and rescores the run's regions with it; each later round
+    trains FAST-GOAL with the previous round's local pairs (initialised from the previous round's model), rescores
+    and pairs again. Each round's pairs go to selftrain/round-N/ and its precision/recall (synthetic runs) to
+    selftrain/rounds.json; a rerun skips the rounds recorded with the same settings."""
+    rounds: int = Field(1, ge=0, description="self-training rounds after the global round 0")
+    global_model: str = Field("goal-tiny-global", description="round 0: a goal-* config (global-only: no local pairs)")
+    local_model: str = Field("goal-tiny", description="rounds 1..: a goal-* config that trains on local pairs")
+    model_changes: dict[str, Any] = Field(default_factory=lambda: {"long_text": "chunk"},
+                                          description="GOAL config fields for both models; chunk keeps CLIP's 77 text "
+                                          "positions, so a round's weights load into the next round's model as they are")
+    steps: int = Field(300, ge=1, description="training steps of round 0")
+    local_steps: Optional[int] = Field(None, ge=1, description="training steps of each later round; None: steps")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(30, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    image_size: int = Field(64, ge=32, description="the models' input size (model_changes.image_size follows it)")
+    workers: int = Field(1, ge=0, description="DataLoader workers")
+    threads: Optional[int] = Field(None, ge=1, description="torch threads")
+    seed: int = 0
+    train_where: dict[str, Any] = Field(default_factory=dict, description="keep exported samples whose json extra "
+                                        "matches; empty: every exported image of the run (its own captions)")
+    regions: dict[str, Any] = Field(default_factory=dict, description="regions keys changed for the rescoring "
+                                    "(threshold, margin, label_weight, ...); empty: the run's regions section")
+    device: str = Field("auto", description="auto: cuda when available")
+
+    @field_validator("global_model", "local_model")
+    @classmethod
+    def _goal_model(cls, v):
+        from model.registry import all_configs
+
+        found = all_configs().get(v)
+        if found is None or found[0] != "goal":
+            names = [n for n, (k, _) in all_configs().items() if k == "goal"]
+            raise ValueError(f"{v!r} is not a goal model; goal models: {', '.join(names)}")
+        return v
+
+    @field_validator("regions")
+    @classmethod
+    def _regions_keys(cls, v):
+        unknown = [k for k in v if k not in RegionsSection.model_fields]
+        if unknown:
+            raise ValueError(f"unknown regions keys {unknown}")
+        return v
+
+
 class Config(Strict):
     run: RunSection
     ray: RaySection = Field(default_factory=RaySection)
@@ -460,6 +508,8 @@ class Config(Strict):
     regions: Optional[RegionsSection] = Field(None, description="regions and local pairs (stage 'regions')")
     dedup: Optional[DedupSection] = Field(None, description="duplicates and contamination (stage 'dedup'); export "
                                           "then leaves duplicates and contaminated keys out")
+    selftrain: Optional[SelfTrainSection] = Field(None, description="`longcap selftrain`: train the pair scorer on "
+                                                  "the run's own captions (None: the command's defaults)")
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -693,8 +743,9 @@ def dump_config(cfg: Config) -> str:
 
 
 # Keys that change how a run executes, not what it produces.
-# train: the trainer checks its checkpoint against the config itself (model/checkpoint.py).
-EXECUTION_KEYS = ("ray", "run.stages", "download.threads", "train")
+# train: the trainer checks its checkpoint against the config itself (model/checkpoint.py); selftrain: each
+# round records its own settings (workflows/selftrain.py).
+EXECUTION_KEYS = ("ray", "run.stages", "download.threads", "train", "selftrain")
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:

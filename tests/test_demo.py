@@ -49,3 +49,12 @@ def test_demo_config_runs_end_to_end_with_training(ray_session, tmp_path, capsys
     assert "trained to step 4" in again
     rows2 = (run / "models" / "caft-tiny" / "metrics.jsonl").read_text().splitlines()
     assert len([r for r in rows2 if '"loss"' in r]) == 2
+    # the demo's next command: the self-training loop on the run's own captions, both rounds recorded with
+    # pairs per kind; the report's gallery then shows the last round's pairs
+    assert main(["selftrain", str(ROOT / "configs" / "demo.yaml"), f"run.dir={run}", "selftrain.steps=2",
+                 "selftrain.batch_size=4", "selftrain.workers=0", "selftrain.warmup=1"]) == 0
+    record = json.loads((run / "selftrain" / "rounds.json").read_text())
+    assert [(e["round"], e["kind"], e["step"]) for e in record["rounds"]] == [(0, "global", 2), (1, "local", 2)]
+    assert all(e["pairs"]["background"]["precision"] == 1.0 for e in record["rounds"])
+    assert main(["report", str(run)]) == 0
+    assert "selftrain/round-1/regions/ (self-training round 1" in (run / "report" / "index.html").read_text()

@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every kind (the rule before sentence kinds)")
     e.set_defaults(fn=cmd_eval_pairs)
 
-    from . import evalcmd, model_cli, report
+    from . import evalcmd, model_cli, report, selftrain
     model_cli.add_commands(sub)
+    selftrain.add_commands(sub)
     evalcmd.add_commands(sub)
     report.add_commands(sub)  # report, ground
     return p

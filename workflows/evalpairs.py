@@ -36,20 +36,23 @@ def pair_metrics(items: list[dict], min_iou: float = 0.5) -> dict:
             "coverage": round(covered / n, 4) if n else None}
 
 
-def collect_items(run: RunDir, shards: list[int], stage: str = "regions", rescore=None) -> tuple[dict, int, dict]:
+def collect_items(run: RunDir, shards: list[int], stage: str = "regions", rescore=None,
+                  path=None) -> tuple[dict, int, dict]:
     """Per sentence kind, the evaluation items of every regions row whose image has synthetic truth; the
     sentences not found in the truth; the kind classifier's counts (truth kind -> predicted kind).
 
-    rescore: a RegionPairer that re-pairs the stage's regions in memory (an ablation) instead of reading them."""
+    rescore: a RegionPairer that re-pairs the stage's regions in memory (an ablation) instead of reading them.
+    path: shard -> the regions-schema file to read instead of the stage's (a self-training round's)."""
     truth = {r["id"]: {s["text"]: s for s in r["sentences"]}
              for r in read_table(run.synth("truth.parquet"), ["id", "sentences"]).to_pylist()}
     items, unmatched, kinds = defaultdict(list), 0, defaultdict(lambda: defaultdict(int))
+    path = path or (lambda s: run.output(stage, s))
     for shard in shards:
-        if not run.is_done(stage, shard):
+        if not exists(path(shard)):
             continue
         meta = read_images_meta(run.images(), shard)
         ids = {r["key"]: r["id"] for r in meta.select(["key", "id"]).to_pylist()}
-        table = read_table(run.output(stage, shard), ["key", "regions", "matches"])
+        table = read_table(path(shard), ["key", "regions", "matches"])
         if rescore is not None:
             fixed = {r["key"]: r["regions"] for r in table.select(["key", "regions"]).to_pylist() if r["regions"]}
             table = rescore.pair_shard(meta, run.images(f"{shard_name(shard)}.tar"),
@@ -107,6 +110,27 @@ def detector_map50(run: RunDir, cfg) -> dict:
     return {"map50": detection_map50(detector_weights(cfg, run), data, imgsz), "data": data}
 
 
+def selftrain_rounds(run: RunDir, shards: list[int], min_iou: float) -> list[dict]:
+    """The pairs of every round `longcap selftrain` recorded (selftrain/rounds.json), measured like the stage's."""
+    import json
+
+    import fsspec
+
+    if not exists(run.selftrain()):
+        return []
+    with fsspec.open(run.selftrain(), "r") as f:
+        record = json.load(f)
+    out = []
+    for e in record.get("rounds", []):
+        r = e["round"]
+        items, _, _ = collect_items(run, shards, path=lambda s: run.selftrain(f"round-{r}", "regions",
+                                                                              f"{shard_name(s)}.parquet"))
+        out.append({"round": r, "kind": e["kind"], "model": e["model"], "step": e.get("step"),
+                    "pairs": {k: pair_metrics(items.get(k, []), min_iou) for k in KINDS},
+                    "all": pair_metrics([i for k in KINDS for i in items.get(k, [])], min_iou)})
+    return out
+
+
 def evaluate(run_dir: str, min_iou: float = 0.5, with_ablations: bool = False) -> dict:
     from pipeline.config import load_config
 
@@ -129,6 +153,9 @@ def evaluate(run_dir: str, min_iou: float = 0.5, with_ablations: bool = False) -
         caft, _, _ = collect_items(run, shards, "regions_caft")
         report["caft"] = {"pairs": {k: pair_metrics(caft.get(k, []), min_iou) for k in KINDS},
                           "all": pair_metrics([i for k in KINDS for i in caft.get(k, [])], min_iou)}
+    rounds = selftrain_rounds(run, shards, min_iou)
+    if rounds:
+        report["selftrain"] = rounds
     if with_ablations:
         report["ablations"] = ablations(run, cfg, shards, min_iou)
     atomic_write_json(run.path("report", "eval_pairs.json"), report)
@@ -145,6 +172,8 @@ def format_report(rep: dict) -> str:
     fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
     tables = [("scorer of the regions stage", rep)] + ([("the trained CAFT (regions-caft/)", rep["caft"])]
                                                       if rep.get("caft") else [])
+    tables += [(f"self-training round {t['round']} ({t['kind']}, {t['model']}, step {t['step']}; selftrain/)", t)
+               for t in rep.get("selftrain") or []]
     tables += [(f"ablation: {name}", t) for name, t in (rep.get("ablations") or {}).items()]
     for title, t in tables:
         if len(tables) > 1:

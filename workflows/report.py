@@ -356,6 +356,16 @@ def _region_stages(c: Ctx) -> list[tuple[str, str]]:
     for folder, label in (("regions", "regions/ (pipeline scorer)"), ("regions-caft", "regions-caft/ (trained CAFT)")):
         if _done(c.run, folder, c.shards):
             out.append((folder, label))
+    if exists(c.run.selftrain()):  # `longcap selftrain`'s rounds, last: the gallery shows the last one
+        try:
+            rounds = _read_json(c.run.selftrain()).get("rounds", [])
+        except (OSError, ValueError) as e:
+            log.warning("report: %s unreadable: %s", c.run.selftrain(), e)
+            rounds = []
+        for e in rounds:
+            folder = f"selftrain/round-{e['round']}/regions"
+            if _done(c.run, folder, c.shards):
+                out.append((folder, f"{folder}/ (self-training round {e['round']}: {e['kind']}, {e['model']})"))
     return out
 
 
@@ -420,7 +430,7 @@ def sec_gallery(c: Ctx, n: int) -> str:
     if not stages:
         c.counts["gallery"] = 0
         return H.not_run("no regions/ in this run: no boxes or matched sentences to show")
-    folder, label = stages[-1]  # regions-caft when the run has it
+    folder, label = stages[-1]  # the last self-training round, else regions-caft when the run has it
     cands = []
     done = [s for s in c.shards if exists(c.run.path(folder, f"{shard_name(s)}.parquet"))]
     for s in _spread(done, n):  # at most n shards are read

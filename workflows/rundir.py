@@ -45,6 +45,11 @@ class RunDir:
         """models/: the detector and every training folder (checkpoints, metrics.jsonl, tensorboard/)."""
         return self.path("models", *parts)
 
+    def selftrain(self, *parts: str) -> str:
+        """selftrain/: `longcap selftrain`'s rounds (round-N/model, round-N/regions, round-N/export) and the
+        record of every finished round; selftrain() alone: the record, selftrain/rounds.json."""
+        return self.path("selftrain", *parts) if parts else self.path("selftrain", "rounds.json")
+
     def export_shards(self) -> str:
         """The glob of the exported training shards."""
         return self.path("export", "*.tar")
