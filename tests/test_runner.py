@@ -142,19 +142,27 @@ def test_clean_stale_removes_leftovers_of_killed_writers(tmp_path):
     assert not (tmp_path / "images" / "_staging").exists()
 
 
-def test_drop_staging_removes_what_killed_attempts_of_committed_shards_left(tmp_path):
-    """A download attempt killed with its node leaves images/_staging/<shard>-<id>/; once the shard is committed
-    (by a retry) the leftover goes, while a shard still being downloaded keeps its folder."""
+def test_drop_leftovers_removes_what_killed_attempts_of_committed_shards_left(tmp_path):
+    """An attempt killed with its node leaves images/_staging/<shard>-<id>/ or a `<shard>.parquet.tmp-<id>` file;
+    once the shard is committed (by a retry) the leftover goes, while a shard still in the works keeps its own."""
     from workflows.rundir import RunDir
 
     staging = tmp_path / "images" / "_staging"
     for name in ["00000-11552ba8", "00002-88d29ef5", "00003-0badf00d"]:
         (staging / name).mkdir(parents=True)
         (staging / name / "input.arrow").write_text("x")
-    RunDir(tmp_path).drop_staging({0, 1, 2})
+    for rel in ["images/00001.parquet", "images/00001.parquet.tmp-abc71ee43ae3", "images/00003.tar.tmp-1234",
+                "captions/00001.parquet", "captions/00001.parquet.tmp-77", "captions/00002.parquet.tmp-78",
+                "export/00001-000.tar.tmp-9", "export/00001-000.tar"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    RunDir(tmp_path).drop_leftovers({"download": {0, 1, 2}, "captions": {1}, "export": {1}})
     assert sorted(p.name for p in staging.iterdir()) == ["00003-0badf00d"]
-    RunDir(tmp_path).drop_staging({0, 1, 2, 3})
-    assert not staging.exists() and (tmp_path / "images").is_dir()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "_staging" not in str(p)) == [
+        "captions/00001.parquet", "captions/00002.parquet.tmp-78", "export/00001-000.tar", "images/00001.parquet",
+        "images/00003.tar.tmp-1234"]
+    RunDir(tmp_path).drop_leftovers({"download": {0, 1, 2, 3}})
+    assert not staging.exists() and not (tmp_path / "images" / "00003.tar.tmp-1234").exists()
 
 
 def test_status_from_progress_summaries_equals_a_full_recount(clean_run, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import fsspec
 import pyarrow as pa
@@ -146,17 +147,31 @@ class RunDir:
             self.fs.rm(staging, recursive=True)
         return n
 
-    def drop_staging(self, committed: set[int]) -> None:
-        """After the download loop: remove the staging folders of committed shards (what an attempt killed with its
-        node left behind: the shard was then downloaded again), then images/_staging itself when empty. Folders of
-        shards not committed stay (another process on the same run may be downloading into them)."""
+    def drop_leftovers(self, committed: dict[str, set[int]]) -> None:
+        """After the loop: remove what attempts killed with their node left behind for shards that were then committed
+        by another attempt: `<shard>.*.tmp-*` files in each stage's folder and images/_staging/<shard>-* folders
+        (then images/_staging itself when empty). Leftovers of shards not committed stay (another process on the
+        same run may be writing them); the next run's clean_stale removes those."""
+        def shard_of(name: str) -> int | None:
+            head = re.split(r"[.-]", name, maxsplit=1)[0]
+            return int(head) if head.isdigit() else None
+
+        for stage, done in committed.items():
+            if stage == "download" and self._images_from:
+                continue  # another run's images/: not ours to clean
+            try:
+                for f in self.fs.ls(self.fs._strip_protocol(self.stage_dir(stage)), detail=False):
+                    name = f.rstrip("/").rsplit("/", 1)[-1]
+                    if ".tmp-" in name and shard_of(name) in done:
+                        self.fs.rm(f, recursive=True)
+            except (OSError, FileNotFoundError):  # no folder yet, or removed meanwhile
+                pass
         staging = f"{self._path}/images/_staging"
         try:
             if not self.fs.exists(staging):
                 return
             for folder in self.fs.ls(staging, detail=False):
-                name = folder.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[0]
-                if name.isdigit() and int(name) in committed:
+                if shard_of(folder.rstrip("/").rsplit("/", 1)[-1]) in committed.get("download", ()):
                     self.fs.rm(folder, recursive=True)
             if not self.fs.ls(staging, detail=False):
                 self.fs.rmdir(staging)

@@ -268,7 +268,7 @@ class Runner:
         need_server = bool(pending.get("download")) and self.run.serve_dir(self.cfg)
         with (serve_folder(self.run.serve_dir(self.cfg)) if need_server else contextlib.nullcontext()) as base:
             self._loop(shards, pending, base, result)
-        self.run.drop_staging(self._committed("download"))
+        self.run.drop_leftovers({s: self._committed(s) for s in self.stages})
         if "export" in self.stages:
             n = write_export_index(self.run, all_shards, self.cfg.export.caption_repeats)
             if n is not None:
