@@ -435,9 +435,21 @@ class RegionsSection(Strict):
     pair_relation: Literal["union", "best", "none"] = Field("union", description="relation sentences: the union box of their two objects' best regions")
     pair_scene: Literal["whole", "best", "none"] = Field("whole", description="scene/background sentences: the whole image")
     pair_other: Literal["best", "none"] = Field("best", description="other sentences")
+    object_regions: Literal["detector", "all"] = Field("detector", description="the regions an object sentence "
+                                                       "chooses from: detector boxes (division boxes only when the "
+                                                       "image has none), or every region")
+    relation_regions: Literal["detector", "all"] = Field("detector", description="the regions each object of a "
+                                                         "relation sentence chooses from: detector boxes (every region "
+                                                         "when the image has fewer than two), or every region")
     labels: Optional[bool] = Field(None, description="label-aware scores; None: on when the detector's class names are words")
     label_weight: float = Field(0.5, ge=0, description="added to a region's score when its class names the sentence's main object (half for its other objects)")
     synonyms: dict[str, list[str]] = Field(default_factory=dict, description="more words per detector class (extends the built-in list)")
+    label_scale: Literal["flat", "confidence"] = Field("confidence", description="the label term of a detector box: "
+                                                       "label_weight as it is (flat), or times the box's detector "
+                                                       "confidence")
+    class_alternatives: bool = Field(True, description="a detector box that nearly equals (dedup_iou) a box of "
+                                     "another class is kept: the detector's other reading of the same object, which "
+                                     "the label term can pick; false: the more confident box only")
 
     @model_validator(mode="after")
     def _areas(self):

@@ -32,20 +32,26 @@ def area_filter(regions: list[dict], min_area: float, max_area: float) -> list[d
     return [r for r, a in zip(regions, areas.tolist()) if min_area <= a <= max_area]
 
 
-def dedup(regions: list[dict], max_iou: float) -> list[dict]:
-    """Drop each region whose IoU with an earlier kept region is at least max_iou (earlier regions win)."""
+def dedup(regions: list[dict], max_iou: float, keep_classes: bool = False) -> list[dict]:
+    """Drop each region whose IoU with an earlier kept region is at least max_iou (earlier regions win).
+
+    keep_classes: a detector box is dropped only by an earlier box of its own class (or a division box), so a
+    box the detector also read as another class stays as that class's region (its other reading of the object)."""
     if len(regions) < 2:
         return list(regions)
     iou = box_iou(*(torch.tensor([r["box"] for r in regions], dtype=torch.float64),) * 2)
     kept: list[int] = []
     for i in range(len(regions)):
-        if not kept or iou[i, kept].max() < max_iou:
+        rivals = kept
+        if keep_classes and regions[i]["source"].startswith("det:"):
+            rivals = [k for k in kept if regions[k]["source"] == regions[i]["source"]]
+        if not rivals or iou[i, rivals].max() < max_iou:
             kept.append(i)
     return [regions[i] for i in kept]
 
 
 def build_regions(detections: list[dict], schemes: list[str], min_area: float, max_area: float,
-                  max_iou: float) -> list[dict]:
+                  max_iou: float, keep_classes: bool = False) -> list[dict]:
     """Detector boxes (area-filtered, best score first), then division boxes; near-duplicates removed."""
     dets = sorted(area_filter(detections, min_area, max_area), key=lambda r: -r["score"])
-    return dedup(dets + division_regions(schemes), max_iou)
+    return dedup(dets + division_regions(schemes), max_iou, keep_classes)

@@ -116,7 +116,7 @@ class RegionPairer:
                 rows[key].update(status=FAILED, error=d)
                 continue
             regions[key] = build_regions(d, self.cfg.division, self.cfg.min_area, self.cfg.max_area,
-                                         self.cfg.dedup_iou)
+                                         self.cfg.dedup_iou, self.cfg.class_alternatives)
         crops = [crop(images[k], r["box"]) for k in regions for r in regions[k]]
         emb = self.scorer.encode_images(crops) if crops else np.zeros((0, 0), np.float32)
         texts = {s for k in regions for c in usable.get(k, []) for s in c["sentences"]}
@@ -140,6 +140,11 @@ class RegionPairer:
         on = self.cfg.labels if self.cfg.labels is not None else bool(self.classes) and all(
             is_word(c) for c in self.classes)
         weight = self.cfg.label_weight if on else 0.0
+        if self.cfg.label_scale == "confidence":  # a box's label counts as much as the detector is sure of it
+            classes = [(c, r["score"] if r["score"] is not None else 1.0) if c else None
+                       for c, r in zip(classes, regs)]
+        else:
+            classes = [(c, 1.0) if c else None for c in classes]
         matches = []
         for c in captions:
             sents = c["sentences"]
@@ -148,7 +153,8 @@ class RegionPairer:
             else:
                 scores = np.zeros((0, len(sents)))
             for i, (s, kind) in enumerate(zip(sents, self.kinds.classify(sents))):
-                label = np.array([weight * self.kinds.agreement(kind, k) if k and weight else 0.0 for k in classes])
+                label = np.array([weight * k[1] * self.kinds.agreement(kind, k[0]) if k and weight else 0.0
+                                  for k in classes])
                 m = self._pair(kind, scores[:, i] + label, regs, region_emb, classes, weight)
                 matches.append({"captioner": c["captioner"], "prompt_id": c["prompt_id"], "sentence_index": i,
                                 "sentence": s, "kind": kind.kind, **m})
@@ -165,7 +171,9 @@ class RegionPairer:
         cfg, n = self.cfg, len(column)
         mode = {"object": cfg.pair_object, "relation": cfg.pair_relation, "scene": cfg.pair_scene,
                 "other": cfg.pair_other}[kind.kind]
-        best = select_pairs(column[:, None], cfg.threshold, cfg.margin, cfg.top_k)[0]
+        dets = [k for k, c in enumerate(classes) if c]
+        pool = dets if kind.kind == "object" and cfg.object_regions == "detector" and dets else list(range(n))
+        best = _best_of(column, pool, cfg)
         if mode == "none":
             return {**best, "kept": False}
         if mode == "whole":  # the whole image, whatever the scores
@@ -177,15 +185,25 @@ class RegionPairer:
                     "top_scores": [score] if score is not None else []}
         if mode == "union" and len(kind.phrases) >= 2 and n >= 2:
             (a, b), phrase_scores = kind.pair, []
+            pool = dets if cfg.relation_regions == "detector" and len(dets) >= 2 else list(range(n))
             for p in (kind.phrases[a], kind.phrases[b]):
-                label = [weight * self.kinds.names(p, k) if k else 0.0 for k in classes]
-                phrase_scores.append(region_emb @ self.text_cache[p.text] + np.array(label))
+                label = [weight * classes[k][1] * self.kinds.names(p, classes[k][0]) if classes[k] else 0.0
+                         for k in pool]
+                phrase_scores.append(region_emb[pool] @ self.text_cache[p.text] + np.array(label))
             two = select_two(*phrase_scores, cfg.threshold, cfg.margin)
-            i, j = two["regions"]
+            i, j = (pool[x] for x in two["regions"])
             at = _append(regs, union_box(regs[i]["box"], regs[j]["box"]), f"union:{i}+{j}")
             return {"region": at, "score": two["score"], "margin": two["margin"], "kept": two["kept"],
                     "top_regions": [i, j], "top_scores": list(two["scores"])}
         return best
+
+
+def _best_of(column: np.ndarray, pool: list[int], cfg) -> dict:
+    """select_pairs over the regions in pool (indices into column); region indices are the column's."""
+    m = select_pairs(column[pool][:, None], cfg.threshold, cfg.margin, cfg.top_k)[0]
+    if m["region"] is not None:
+        m.update(region=pool[m["region"]], top_regions=[pool[k] for k in m["top_regions"]])
+    return m
 
 
 def _append(regs: list[dict], box: list[float], source: str) -> int:

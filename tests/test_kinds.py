@@ -118,11 +118,14 @@ def test_label_aware_term_moves_the_pair_to_the_box_of_the_named_class(tmp_path)
     dets = [det([0.0, 0.0, 0.45, 0.45], "circle"), det([0.0, 0.55, 0.45, 1.0], "square", 0.8)]
     sent = ["A red square sits in the bottom left."]
     off = pair_one(tmp_path, sent, dets, labels=False, margin=0.0)["matches"][0]
-    on = pair_one(tmp_path, sent, dets, margin=0.0)  # default: on, the class names are words
+    on = pair_one(tmp_path, sent, dets, margin=0.0, label_scale="flat")  # default: on, the class names are words
     assert off["region"] == 0  # a tie goes to the first region: the circle
     m = on["matches"][0]
     assert on["regions"][m["region"]]["source"] == "det:square" and m["kept"]
     assert m["score"] == pytest.approx(off["score"] + 0.5, abs=1e-4) and m["margin"] == pytest.approx(0.5, abs=1e-4)
+    # the default scale: label_weight times the box's detector confidence (0.8)
+    m = pair_one(tmp_path, sent, dets, margin=0.0)["matches"][0]
+    assert m["region"] == 1 and m["score"] == pytest.approx(off["score"] + 0.5 * 0.8, abs=1e-4)
     # class names that are not words: off by default
     meta, tar, st = shard_inputs(tmp_path, {"000": encode(two_colour_image(), quality=95)}, {"000": sent})
     numbered = FakeDetector([det(d["box"], str(k)) for k, d in enumerate(dets)], names=("0", "1"))
@@ -138,3 +141,47 @@ def test_kind_reaches_the_export_doc(tmp_path):
     out = RegionPairer(regions_cfg(), ColourScorer()).pair_shard(meta, tar, st)
     assert [(p["sentence"], p["kind"]) for p in regions_by_key(out)["000"]["pairs"]] == [
         ("A red square.", "object"), ("The background is white.", "scene")]
+
+
+def test_object_sentence_pairs_with_a_detector_box_over_a_division_box(tmp_path):
+    # the left half is all red: the colour scorer prefers it to the box that straddles the middle (red + blue)
+    dets = [det([0.3, 0.0, 0.7, 0.5], "square")]
+    sent = ["A red square."]
+    every = pair_one(tmp_path, sent, dets, labels=False, threshold=0.0, margin=0.0, object_regions="all")
+    assert every["regions"][every["matches"][0]["region"]]["source"] == "grid:halves:0"
+    row = pair_one(tmp_path, sent, dets, labels=False, threshold=0.0, margin=0.0)  # default: detector
+    m = row["matches"][0]
+    assert row["regions"][m["region"]]["source"] == "det:square" and m["kept"]
+    assert m["top_regions"] == [0]  # only detector boxes competed
+    # no detector box in the image: the division boxes compete
+    row = pair_one(tmp_path, sent, [], labels=False, threshold=0.0, margin=0.0)
+    assert row["regions"][row["matches"][0]["region"]]["source"] == "grid:halves:0"
+
+
+def test_relation_union_is_built_from_two_detector_boxes(tmp_path):
+    dets = [det([0.3, 0.1, 0.6, 0.3], "circle"), det([0.4, 0.5, 0.8, 0.7], "square")]  # both straddle the middle
+    sent = ["The red circle is to the left of the blue square."]
+    # labels off: over every region, each colour's pure half wins (their union is the whole image)
+    every = pair_one(tmp_path, sent, dets, labels=False, threshold=0.0, margin=0.0, relation_regions="all")
+    m = every["matches"][0]
+    assert [every["regions"][k]["source"] for k in m["top_regions"]] == ["grid:halves:0", "grid:halves:1"]
+    row = pair_one(tmp_path, sent, dets, labels=False, threshold=0.0, margin=0.0)  # default: detector
+    m = row["matches"][0]
+    assert m["kind"] == "relation" and m["top_regions"] == [0, 1] and m["kept"]
+    assert row["regions"][m["region"]]["box"] == pytest.approx([0.3, 0.1, 0.8, 0.7])
+    # one detector box only: every region competes
+    row = pair_one(tmp_path, sent, dets[:1], labels=False, threshold=0.0, margin=0.0)
+    assert [row["regions"][k]["source"] for k in row["matches"][0]["top_regions"]] == ["grid:halves:0",
+                                                                                       "grid:halves:1"]
+
+
+def test_class_alternatives_let_the_label_pick_the_detectors_second_reading(tmp_path):
+    # the detector read one object as a circle (0.9) and, less sure, as a square (0.3)
+    dets = [det([0.1, 0.1, 0.4, 0.4], "circle", 0.9), det([0.1, 0.1, 0.4, 0.41], "square", 0.3)]
+    sent = ["A red square."]
+    row = pair_one(tmp_path, sent, dets, threshold=0.0, margin=0.0)  # default: alternatives kept
+    assert [g["source"] for g in row["regions"][:2]] == ["det:circle", "det:square"]
+    assert row["regions"][row["matches"][0]["region"]]["source"] == "det:square"
+    row = pair_one(tmp_path, sent, dets, threshold=0.0, margin=0.0, class_alternatives=False)
+    assert [g["source"] for g in row["regions"]][:2] == ["det:circle", "grid:halves:0"]  # the square was dropped
+    assert row["regions"][row["matches"][0]["region"]]["source"] == "det:circle"

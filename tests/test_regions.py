@@ -55,6 +55,10 @@ def test_dedup_keeps_the_earlier_of_near_duplicates():
     assert dedup([a, b, c], 0.9) == [a, c]
     assert dedup([a, b, c], 0.99) == [a, b, c]
     assert dedup([b, a], 0.9) == [b]
+    # keep_classes: a near-duplicate of another class stays (the detector's other reading); of its own class not
+    other, grid = det([0, 0, .5, .49], .5, "star"), {"box": [0, 0, .5, .5], "source": "grid:quadrants:0", "score": None}
+    assert dedup([a, other, b, grid], 0.9, keep_classes=True) == [a, other]
+    assert dedup([a, other], 0.9) == [a]
 
 
 def test_build_regions_orders_detections_by_score_then_division():

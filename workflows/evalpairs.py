@@ -37,11 +37,12 @@ def pair_metrics(items: list[dict], min_iou: float = 0.5) -> dict:
 
 
 def collect_items(run: RunDir, shards: list[int], stage: str = "regions", rescore=None,
-                  path=None) -> tuple[dict, int, dict]:
+                  path=None, redetect: bool = False) -> tuple[dict, int, dict]:
     """Per sentence kind, the evaluation items of every regions row whose image has synthetic truth; the
     sentences not found in the truth; the kind classifier's counts (truth kind -> predicted kind).
 
-    rescore: a RegionPairer that re-pairs the stage's regions in memory (an ablation) instead of reading them.
+    rescore: a RegionPairer that re-pairs the stage's regions in memory (an ablation) instead of reading them;
+    with redetect, its detector finds the regions again (an ablation of the detector or region settings).
     path: shard -> the regions-schema file to read instead of the stage's (a self-training round's)."""
     truth = {r["id"]: {s["text"]: s for s in r["sentences"]}
              for r in read_table(run.synth("truth.parquet"), ["id", "sentences"]).to_pylist()}
@@ -54,7 +55,8 @@ def collect_items(run: RunDir, shards: list[int], stage: str = "regions", rescor
         ids = {r["key"]: r["id"] for r in meta.select(["key", "id"]).to_pylist()}
         table = read_table(path(shard), ["key", "regions", "matches"])
         if rescore is not None:
-            fixed = {r["key"]: r["regions"] for r in table.select(["key", "regions"]).to_pylist() if r["regions"]}
+            fixed = None if redetect else {r["key"]: r["regions"] for r in table.select(["key", "regions"]).to_pylist()
+                                           if r["regions"]}
             table = rescore.pair_shard(meta, run.images(f"{shard_name(shard)}.tar"),
                                        read_table(run.output("sentences", shard)), fixed=fixed)
         for r in table.select(["key", "regions", "matches"]).to_pylist():
