@@ -442,8 +442,12 @@ class RegionsSection(Strict):
                                                          "relation sentence chooses from: detector boxes (every region "
                                                          "when the image has fewer than two), or every region")
     labels: Optional[bool] = Field(None, description="label-aware scores; None: on when the detector's class names are words")
-    label_weight: float = Field(0.5, ge=0, description="added to a region's score when its class names the sentence's main object (half for its other objects)")
+    label_weight: float = Field(1.0, ge=0, description="added to a region's score when its class names the sentence's main object (half for its other objects); times the detector's confidence with label_scale: confidence")
     synonyms: dict[str, list[str]] = Field(default_factory=dict, description="more words per detector class (extends the built-in list)")
+    object_text: Literal["sentence", "phrase", "mean"] = Field("mean", description="what an object sentence's "
+                                                              "regions are scored against: the sentence, its main noun "
+                                                              "phrase ('a small purple hexagon': what a crop shows, "
+                                                              "without 'sits in the top left'), or the mean of both")
     label_scale: Literal["flat", "confidence"] = Field("confidence", description="the label term of a detector box: "
                                                        "label_weight as it is (flat), or times the box's detector "
                                                        "confidence")

@@ -19,7 +19,7 @@ from PIL import Image
 from .division import build_regions
 from .export import image_members
 from .images import MAX_PIXELS, decode_image
-from .kinds import RELATION, KindClassifier, is_word
+from .kinds import OBJECT, RELATION, KindClassifier, is_word
 from .matching import select_pairs, select_two, union_box
 from .records import FAILED, OK, REGIONS, SKIPPED, download_reason, empty_row, table
 
@@ -120,7 +120,10 @@ class RegionPairer:
         crops = [crop(images[k], r["box"]) for k in regions for r in regions[k]]
         emb = self.scorer.encode_images(crops) if crops else np.zeros((0, 0), np.float32)
         texts = {s for k in regions for c in usable.get(k, []) for s in c["sentences"]}
-        texts |= {p.text for k in self.kinds.classify(sorted(texts)) if k.kind == RELATION for p in k.phrases}
+        kinds = self.kinds.classify(sorted(texts))
+        texts |= {p.text for k in kinds if k.kind == RELATION for p in k.phrases}
+        if self.cfg.object_text != "sentence":
+            texts |= {k.phrases[0].text for k in kinds if k.kind == OBJECT and k.phrases}
         self._encode_texts(sorted(texts - set(self.text_cache)))
         at = 0
         for key, regs in regions.items():
@@ -155,7 +158,11 @@ class RegionPairer:
             for i, (s, kind) in enumerate(zip(sents, self.kinds.classify(sents))):
                 label = np.array([weight * k[1] * self.kinds.agreement(kind, k[0]) if k and weight else 0.0
                                   for k in classes])
-                m = self._pair(kind, scores[:, i] + label, regs, region_emb, classes, weight)
+                column = scores[:, i]
+                if kind.kind == OBJECT and kind.phrases and regs and self.cfg.object_text != "sentence":
+                    phrase = region_emb @ self.text_cache[kind.phrases[0].text]  # what a crop can show
+                    column = phrase if self.cfg.object_text == "phrase" else (column + phrase) / 2
+                m = self._pair(kind, column + label, regs, region_emb, classes, weight)
                 matches.append({"captioner": c["captioner"], "prompt_id": c["prompt_id"], "sentence_index": i,
                                 "sentence": s, "kind": kind.kind, **m})
         row.update(regions=regs, n_regions=len(regs))

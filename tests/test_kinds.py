@@ -122,9 +122,9 @@ def test_label_aware_term_moves_the_pair_to_the_box_of_the_named_class(tmp_path)
     assert off["region"] == 0  # a tie goes to the first region: the circle
     m = on["matches"][0]
     assert on["regions"][m["region"]]["source"] == "det:square" and m["kept"]
-    assert m["score"] == pytest.approx(off["score"] + 0.5, abs=1e-4) and m["margin"] == pytest.approx(0.5, abs=1e-4)
+    assert m["score"] == pytest.approx(off["score"] + 1.0, abs=1e-4) and m["margin"] == pytest.approx(1.0, abs=1e-4)
     # the default scale: label_weight times the box's detector confidence (0.8)
-    m = pair_one(tmp_path, sent, dets, margin=0.0)["matches"][0]
+    m = pair_one(tmp_path, sent, dets, margin=0.0, label_weight=0.5)["matches"][0]
     assert m["region"] == 1 and m["score"] == pytest.approx(off["score"] + 0.5 * 0.8, abs=1e-4)
     # class names that are not words: off by default
     meta, tar, st = shard_inputs(tmp_path, {"000": encode(two_colour_image(), quality=95)}, {"000": sent})
@@ -185,3 +185,14 @@ def test_class_alternatives_let_the_label_pick_the_detectors_second_reading(tmp_
     row = pair_one(tmp_path, sent, dets, threshold=0.0, margin=0.0, class_alternatives=False)
     assert [g["source"] for g in row["regions"]][:2] == ["det:circle", "grid:halves:0"]  # the square was dropped
     assert row["regions"][row["matches"][0]["region"]]["source"] == "det:circle"
+
+
+def test_object_sentence_scored_by_its_noun_phrase_what_a_crop_shows(tmp_path):
+    dets = [det([0.1, 0.1, 0.4, 0.4], "square")]  # all red
+    sent = ["A red square, with blue edges."]  # the sentence names blue too; its main phrase does not
+    got = {t: pair_one(tmp_path, sent, dets, labels=False, threshold=0.0, margin=0.0, object_text=t)["matches"][0]
+           for t in ("sentence", "phrase", "mean")}
+    assert all(m["kind"] == "object" and m["region"] == 0 for m in got.values())
+    assert got["phrase"]["score"] == pytest.approx(1.0, abs=1e-4)  # "A red square" against a red crop
+    assert got["sentence"]["score"] < 0.9
+    assert got["mean"]["score"] == pytest.approx((got["phrase"]["score"] + got["sentence"]["score"]) / 2, abs=1e-4)

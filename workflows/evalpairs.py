@@ -78,8 +78,14 @@ def collect_items(run: RunDir, shards: list[int], stage: str = "regions", rescor
 
 ABLATIONS = {  # rescoring the run's own regions with one rule changed (same scorer, same regions)
     "labels off": {"labels": False},
+    "object and relation sentences choose among every region, not detector boxes": {"object_regions": "all",
+                                                                                    "relation_regions": "all"},
+    "object sentences scored by the sentence alone (not with its noun phrase)": {"object_text": "sentence"},
+    "flat label term (not times the detector's confidence)": {"label_scale": "flat"},
     "best region for every kind, labels off (before issue 20)": {"labels": False, "pair_relation": "best",
-                                                                 "pair_scene": "best"},
+                                                                 "pair_scene": "best", "object_regions": "all",
+                                                                 "relation_regions": "all",
+                                                                 "object_text": "sentence"},
 }
 
 
