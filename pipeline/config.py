@@ -444,6 +444,11 @@ class RegionsSection(Strict):
     labels: Optional[bool] = Field(None, description="label-aware scores; None: on when the detector's class names are words")
     label_weight: float = Field(1.0, ge=0, description="added to a region's score when its class names the sentence's main object (half for its other objects); times the detector's confidence with label_scale: confidence")
     synonyms: dict[str, list[str]] = Field(default_factory=dict, description="more words per detector class (extends the built-in list)")
+    relation_max_iou: float = Field(0.5, gt=0, le=1, description="a relation's two objects are two regions that "
+                                    "overlap by less than this IoU (two readings of one object are not two objects)")
+    object_assignment: Literal["independent", "one_to_one"] = Field("independent", description="object sentences "
+                                                                    "of one caption: each its best region, or "
+                                                                    "distinct regions chosen jointly (highest total)")
     object_text: Literal["sentence", "phrase", "mean"] = Field("mean", description="what an object sentence's "
                                                               "regions are scored against: the sentence, its main noun "
                                                               "phrase ('a small purple hexagon': what a crop shows, "

@@ -14,13 +14,15 @@ from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
+import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from .division import build_regions
 from .export import image_members
 from .images import MAX_PIXELS, decode_image
 from .kinds import OBJECT, RELATION, KindClassifier, is_word
-from .matching import select_pairs, select_two, union_box
+from .matching import assign_one_to_one, select_pairs, select_two, union_box
 from .records import FAILED, OK, REGIONS, SKIPPED, download_reason, empty_row, table
 
 CHUNK = 64  # images decoded, detected and scored together
@@ -155,14 +157,18 @@ class RegionPairer:
                 scores = region_emb @ np.stack([self.text_cache[s] for s in sents]).T
             else:
                 scores = np.zeros((0, len(sents)))
-            for i, (s, kind) in enumerate(zip(sents, self.kinds.classify(sents))):
+            kinds, columns = self.kinds.classify(sents), []
+            for i, kind in enumerate(kinds):
                 label = np.array([weight * k[1] * self.kinds.agreement(kind, k[0]) if k and weight else 0.0
                                   for k in classes])
                 column = scores[:, i]
                 if kind.kind == OBJECT and kind.phrases and regs and self.cfg.object_text != "sentence":
                     phrase = region_emb @ self.text_cache[kind.phrases[0].text]  # what a crop can show
                     column = phrase if self.cfg.object_text == "phrase" else (column + phrase) / 2
-                m = self._pair(kind, column + label, regs, region_emb, classes, weight)
+                columns.append(column + label)
+            joint = self._assign(kinds, columns, classes)
+            for i, (s, kind) in enumerate(zip(sents, kinds)):
+                m = joint.get(i) or self._pair(kind, columns[i], regs, region_emb, classes, weight)
                 matches.append({"captioner": c["captioner"], "prompt_id": c["prompt_id"], "sentence_index": i,
                                 "sentence": s, "kind": kind.kind, **m})
         row.update(regions=regs, n_regions=len(regs))
@@ -171,6 +177,20 @@ class RegionPairer:
             row.update(status=OK)
         else:
             row.update(status=SKIPPED, error="no sentences" + (f": {'; '.join(why)}" if why else ""))
+
+    def _assign(self, kinds: list, columns: list, classes: list) -> dict:
+        """object_assignment one_to_one: a caption's object sentences on distinct regions (of their pool), jointly."""
+        cfg = self.cfg
+        objs = [i for i, k in enumerate(kinds) if k.kind == OBJECT]
+        if cfg.object_assignment != "one_to_one" or cfg.pair_object != "best" or len(objs) < 2 or not len(columns[0]):
+            return {}
+        dets = [k for k, c in enumerate(classes) if c]
+        pool = dets if cfg.object_regions == "detector" and dets else list(range(len(columns[0])))
+        got = assign_one_to_one(np.stack([columns[i][pool] for i in objs], axis=1), cfg.threshold, cfg.margin,
+                                cfg.top_k)
+        for m in got:
+            m.update(region=pool[m["region"]], top_regions=[pool[k] for k in m["top_regions"]])
+        return dict(zip(objs, got))
 
     def _pair(self, kind, column: np.ndarray, regs: list[dict], region_emb: np.ndarray, classes: list,
               weight: float) -> dict:
@@ -197,7 +217,11 @@ class RegionPairer:
                 label = [weight * classes[k][1] * self.kinds.names(p, classes[k][0]) if classes[k] else 0.0
                          for k in pool]
                 phrase_scores.append(region_emb[pool] @ self.text_cache[p.text] + np.array(label))
-            two = select_two(*phrase_scores, cfg.threshold, cfg.margin)
+            boxes = torch.tensor([regs[k]["box"] for k in pool], dtype=torch.float64)
+            distinct = (box_iou(boxes, boxes) < cfg.relation_max_iou).numpy()  # two readings of one object are not two
+            two = select_two(*phrase_scores, cfg.threshold, cfg.margin, distinct)
+            if two["regions"] is None:
+                return {**best, "kept": False}
             i, j = (pool[x] for x in two["regions"])
             at = _append(regs, union_box(regs[i]["box"], regs[j]["box"]), f"union:{i}+{j}")
             return {"region": at, "score": two["score"], "margin": two["margin"], "kept": two["kept"],

@@ -196,3 +196,40 @@ def test_object_sentence_scored_by_its_noun_phrase_what_a_crop_shows(tmp_path):
     assert got["phrase"]["score"] == pytest.approx(1.0, abs=1e-4)  # "A red square" against a red crop
     assert got["sentence"]["score"] < 0.9
     assert got["mean"]["score"] == pytest.approx((got["phrase"]["score"] + got["sentence"]["score"]) / 2, abs=1e-4)
+
+
+def test_relation_objects_are_two_distinct_regions_not_two_readings_of_one(tmp_path):
+    # the circle was also read as a square; the real square (below it, also red) is less sure
+    dets = [det([0.1, 0.1, 0.4, 0.4], "circle", 0.9), det([0.1, 0.1, 0.4, 0.41], "square", 0.85),
+            det([0.1, 0.5, 0.4, 0.8], "square", 0.3)]
+    sent = ["The red circle is above the red square."]
+    row = pair_one(tmp_path, sent, dets, threshold=0.0, margin=0.0, relation_max_iou=1.0)  # no constraint
+    assert row["matches"][0]["top_regions"] == [0, 1]  # both "objects" are the red one
+    row = pair_one(tmp_path, sent, dets, threshold=0.0, margin=0.0)  # default 0.5
+    m = row["matches"][0]
+    assert m["top_regions"] == [0, 2] and row["regions"][m["region"]]["box"] == pytest.approx([0.1, 0.1, 0.4, 0.8])
+
+
+def test_one_to_one_assignment_puts_two_object_sentences_on_two_regions():
+    from pipeline.matching import assign_one_to_one, select_pairs
+
+    # both sentences prefer region 0; jointly, sentence 1 takes region 1 (total 0.9 + 0.7 > 0.8 + 0.6)
+    s = np.array([[0.9, 0.8], [0.6, 0.7], [0.1, 0.2]])
+    assert [m["region"] for m in select_pairs(s, 0.0, 0.0, 3)] == [0, 0]
+    a, b = assign_one_to_one(s, 0.0, 0.0, 3)
+    assert (a["region"], b["region"]) == (0, 1) and a["kept"] and b["kept"]
+    assert a["margin"] == pytest.approx(1.6 - 1.4) and b["score"] == pytest.approx(0.7)  # next best: 0.6 + 0.8
+    assert b["top_regions"][0] == 0  # its own ranking is kept for analysis
+    assert [m["kept"] for m in assign_one_to_one(s, 0.0, 0.25, 3)] == [False, False]  # margin 0.2 each
+    # more sentences than regions: the one left over keeps its best region, not kept
+    got = assign_one_to_one(np.array([[0.9, 0.8, 0.7]]), 0.0, 0.0, 3)
+    assert [m["kept"] for m in got] == [True, False, False] and [m["region"] for m in got] == [0, 0, 0]
+
+
+def test_one_to_one_in_the_stage_over_detector_boxes(tmp_path):
+    dets = [det([0.0, 0.0, 0.45, 0.45], "square", 0.9), det([0.0, 0.55, 0.45, 1.0], "square", 0.6)]  # both red
+    sents = ["A red square sits at the top.", "A red square sits at the bottom."]  # tie for the scorer and labels
+    row = pair_one(tmp_path, sents, dets, threshold=0.0, margin=0.0)
+    assert [m["region"] for m in row["matches"]] == [0, 0]  # independent: both on the more confident box
+    row = pair_one(tmp_path, sents, dets, threshold=0.0, margin=0.0, object_assignment="one_to_one")
+    assert sorted(m["region"] for m in row["matches"]) == [0, 1]
