@@ -166,7 +166,7 @@ class RegionPairer:
                     phrase = region_emb @ self.text_cache[kind.phrases[0].text]  # what a crop can show
                     column = phrase if self.cfg.object_text == "phrase" else (column + phrase) / 2
                 columns.append(column + label)
-            joint = self._assign(kinds, columns, classes)
+            joint = self._assign(kinds, columns, classes, regs)
             for i, (s, kind) in enumerate(zip(sents, kinds)):
                 m = joint.get(i) or self._pair(kind, columns[i], regs, region_emb, classes, weight)
                 matches.append({"captioner": c["captioner"], "prompt_id": c["prompt_id"], "sentence_index": i,
@@ -178,7 +178,7 @@ class RegionPairer:
         else:
             row.update(status=SKIPPED, error="no sentences" + (f": {'; '.join(why)}" if why else ""))
 
-    def _assign(self, kinds: list, columns: list, classes: list) -> dict:
+    def _assign(self, kinds: list, columns: list, classes: list, regs: list) -> dict:
         """object_assignment one_to_one: a caption's object sentences on distinct regions (of their pool), jointly."""
         cfg = self.cfg
         objs = [i for i, k in enumerate(kinds) if k.kind == OBJECT]
@@ -186,10 +186,20 @@ class RegionPairer:
             return {}
         dets = [k for k, c in enumerate(classes) if c]
         pool = dets if cfg.object_regions == "detector" and dets else list(range(len(columns[0])))
-        got = assign_one_to_one(np.stack([columns[i][pool] for i in objs], axis=1), cfg.threshold, cfg.margin,
-                                cfg.top_k)
-        for m in got:
-            m.update(region=pool[m["region"]], top_regions=[pool[k] for k in m["top_regions"]])
+        # one object, one candidate: a region and its near-equal class alternatives (IoU >= dedup_iou) are one
+        # group, scored per sentence by its best member, so two sentences never take two readings of one object
+        boxes = torch.tensor([regs[k]["box"] for k in pool], dtype=torch.float64)
+        near = (box_iou(boxes, boxes) >= cfg.dedup_iou).numpy()
+        groups: list[list[int]] = []
+        for a in range(len(pool)):
+            home = next((g for g in groups if near[g[0], a]), None)
+            home.append(a) if home is not None else groups.append([a])
+        scores = np.stack([columns[i][pool] for i in objs], axis=1)  # pool x object sentences
+        grouped = np.stack([scores[g].max(axis=0) for g in groups])
+        got = assign_one_to_one(grouped, cfg.threshold, cfg.margin, cfg.top_k)
+        for j, m in enumerate(got):
+            best = [pool[g[int(np.argmax(scores[g, j]))]] for g in groups]  # each group's member for this sentence
+            m.update(region=best[m["region"]], top_regions=[best[k] for k in m["top_regions"]])
         return dict(zip(objs, got))
 
     def _pair(self, kind, column: np.ndarray, regs: list[dict], region_emb: np.ndarray, classes: list,

@@ -233,3 +233,17 @@ def test_one_to_one_in_the_stage_over_detector_boxes(tmp_path):
     assert [m["region"] for m in row["matches"]] == [0, 0]  # independent: both on the more confident box
     row = pair_one(tmp_path, sents, dets, threshold=0.0, margin=0.0, object_assignment="one_to_one")
     assert sorted(m["region"] for m in row["matches"]) == [0, 1]
+
+
+def test_one_to_one_never_gives_two_sentences_two_readings_of_one_object(tmp_path):
+    # one red object read as a square (0.9) and as a circle (0.8); a second, blue square elsewhere (0.5)
+    dets = [det([0.1, 0.1, 0.4, 0.4], "square", 0.9), det([0.1, 0.1, 0.4, 0.41], "circle", 0.8),
+            det([0.6, 0.5, 0.9, 0.8], "square", 0.5)]
+    sents = ["A red circle sits at the top.", "A red square sits at the top."]
+    row = pair_one(tmp_path, sents, dets, threshold=0.0, margin=0.0, object_assignment="one_to_one")
+    circle, square = row["matches"]
+    assert circle["region"] == 1  # the circle reading of the red object
+    assert square["region"] == 2  # not the square reading of the same object: the other square
+    row = pair_one(tmp_path, sents, dets, threshold=0.0, margin=0.0, object_assignment="one_to_one",
+                   dedup_iou=1.0)  # every box its own object: the square sentence takes the square reading
+    assert [m["region"] for m in row["matches"]] == [1, 0]
