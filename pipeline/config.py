@@ -284,6 +284,9 @@ class DedupSection(Strict):
     max_mean: float = Field(12.0, ge=0, description="... and its mean RGB distance is at most this")
     thumb: int = Field(128, ge=16, le=512, description="thumbnail side of the verification")
     verify_chunk: int = Field(256, ge=1, description="candidate pairs per verification task (the unit of resume)")
+    before_captions: bool = Field(False, description="captions wait for the dedup pass and skip duplicate and "
+                                  "contaminated images (their rows: skipped, with the reason); saves captioner time, "
+                                  "but captioning starts only once every shard is downloaded and the global pass is done")
     evalsets: list[EvalSetRef] = Field(default_factory=list, description="evaluation sets: a training image that "
                                        "is a near duplicate of one of their images is excluded as 'contaminated: <name>'")
 
