@@ -112,7 +112,7 @@ def main() -> None:
                     help="families whose variants are the hard negatives (default --families; the thresholds were "
                          "chosen on the first 60, more check them on families they were not chosen on)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: quality,speed,index")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: quality,small,negjpeg,speed,index")
     a = ap.parse_args()
     skip = set(a.skip.split(","))
     params = dedup.NearParams()
@@ -121,7 +121,7 @@ def main() -> None:
     originals = [f[0] for f in fams] + real_images()
     probes = [hashes_of(im) for im in originals]
 
-    def verdict(x, y, px, py):
+    def verdict(x, y, px, py):  # (pHash distance, difference score or None, found)
         d = hash_distance(px, py)
         score = dedup.difference(x, y, params) if d <= params.max_distance else None
         return d, score, score is not None and dedup.accept(score, params)
@@ -161,6 +161,37 @@ def main() -> None:
             "variant_phash_within_max": int(sum(v[0] <= params.max_distance for _, v in neg)),
             "distinct_pairs_candidates": len(cands), "distinct_pairs_removed": fp_distinct},
             "precision": round(found_total / max(1, found_total + fp), 4)}), flush=True)
+    if "small" not in skip:
+        # small images (the demo world renders at 128 px): same-scale copies and variants compared at 128 px
+        rng = random.Random(1)
+        small = [synthetic.render(f[0], 128)[0] for f in synthetic.families(a.families, 3, 7)]
+        small += [im.resize((128, 128 * im.height // im.width), Image.BICUBIC) for im in real_images()]
+        sp = [hashes_of(im) for im in small]
+        for name in ("jpeg30", "jpeg50", "jpeg75", "crop5", "crop10", "mirror", "resize0.5_lanczos", "resize2.0_nearest"):
+            hits = sum(verdict(im, cp, p, hashes_of(cp))[2]
+                       for im, p, cp in ((im, p, TRANSFORMS[name](im, rng)) for im, p in zip(small, sp)))
+            print(json.dumps({"transform": f"128px {name}", "n": len(small), "recall": round(hits / len(small), 3)}),
+                  flush=True)
+        nf = a.neg_families or a.families
+        neg = [(fam[k].diff, verdict(*(synthetic.render(fam[i], 128)[0] for i in (0, k)),
+                                     *(hashes_of(synthetic.render(fam[i], 128)[0]) for i in (0, k))))
+               for fam in synthetic.families(nf, 3, 7) for k in range(1, len(fam))]
+        print(json.dumps({"negatives_128px": {"family_variants": len(neg),
+                                              "variants_removed": [d for d, v in neg if v[2]]}}), flush=True)
+    if "negjpeg" not in skip:
+        # not a target: both sides of each variant pair re-encoded (as a web copy would be)
+        out = {}
+        for q in (90, 75, 50):
+            fam_sc = synthetic.families(a.families, 3, 7)
+            removed = 0
+            for fam in fam_sc:
+                x = jpeg(synthetic.render(fam[0], 256)[0], q)
+                for v in fam[1:]:
+                    y = jpeg(synthetic.render(v, 256)[0], q)
+                    removed += hash_distance(hashes_of(x), hashes_of(y)) <= params.max_distance and \
+                        dedup.is_near_duplicate(x, y, params)
+            out[f"q{q}"] = f"{removed} of {2 * len(fam_sc)} removed"
+        print(json.dumps({"variants_both_reencoded": out}), flush=True)
     if "speed" not in skip:
         # hashing from JPEG bytes of 256 px scenes, one process (run under taskset -c 0: one core)
         import imagehash

@@ -281,13 +281,13 @@ class DedupSection(Strict):
                        "verified on aligned colour thumbnails")
     max_distance: int = Field(8, ge=0, le=32, description="pHash bits (of 64) for a near-duplicate candidate")
     max_mean: float = Field(12.0, ge=0, description="verification: at most this mean RGB distance (0..441) of the aligned thumbnails")
-    max_local: float = Field(26.0, ge=0, description="... and at most this RMS RGB distance in the worst window (after the blur)")
-    max_ratio: float = Field(28.0, ge=0, description="... and the worst window's mean squared distance at most this many times "
+    max_local: float = Field(46.0, ge=0, description="... and at most this RMS RGB distance in the worst window (after the blur)")
+    max_ratio: float = Field(50.0, ge=0, description="... and the worst window's mean squared distance at most this many times "
                              "the image's (+ ratio_floor): one changed detail in an otherwise equal image is not a duplicate")
     ratio_floor: float = Field(4.0, gt=0, description="squared RGB distance added to the image's mean in that ratio")
     blur: float = Field(1.0, gt=0, description="Gaussian sigma (thumbnail px) before the window statistics")
-    window: int = Field(9, ge=3, le=64, description="window side (thumbnail px)")
-    thumb: int = Field(128, ge=16, le=512, description="compared at min(thumb, the smaller image's shorter side) px a side (half that side for a copy at another scale)")
+    window: int = Field(13, ge=3, le=64, description="window side (thumbnail px)")
+    thumb: int = Field(256, ge=16, le=512, description="compared at min(thumb, the smaller image's shorter side) px a side (half that side for a copy at another scale)")
     verify_chunk: int = Field(256, ge=1, description="candidate pairs per verification task (the unit of resume)")
     evalsets: list[EvalSetRef] = Field(default_factory=list, description="evaluation sets: a training image that "
                                        "is a near duplicate of one of their images is excluded as 'contaminated: <name>'")

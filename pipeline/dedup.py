@@ -30,13 +30,13 @@ from PIL import Image, ImageOps
 class NearParams:
     max_distance: int = 8  # pHash bits (of 64) for a candidate pair
     max_mean: float = 12.0  # verification: mean RGB distance of the aligned thumbnails (a changed background)
-    max_local: float = 26.0  # ... RMS RGB distance of the worst window after a small blur (a changed object)
-    max_ratio: float = 28.0  # ... worst window's mean squared distance over the image's (+ ratio_floor): a
+    max_local: float = 46.0  # ... RMS RGB distance of the worst window after a small blur (a changed object)
+    max_ratio: float = 50.0  # ... worst window's mean squared distance over the image's (+ ratio_floor): a
     #                          small detail changed in an image that otherwise agrees
     ratio_floor: float = 4.0  # squared RGB distance added to the image's mean in that ratio
     blur: float = 1.0  # Gaussian sigma (thumbnail px) applied to both before the window statistics
-    window: int = 9  # side of the window (thumbnail px)
-    thumb: int = 128  # compared at min(thumb, half the smaller image's shorter side) px a side
+    window: int = 13  # side of the window (thumbnail px)
+    thumb: int = 256  # compared at min(thumb, the smaller image's shorter side) px a side (half of it: resized copies)
     scales: tuple = tuple(round(1 - i / 100, 2) for i in range(14))  # crops: share of the side the smaller image shows
 
 
@@ -98,7 +98,7 @@ def lsh_tables(max_distance: int, bits: int = 24, recall: float = 0.98) -> int:
     """Tables of `bits` sampled bits each so that a pair at max_distance shares a whole table key with
     probability >= recall (bit-sampling LSH for Hamming distance)."""
     p = (1 - max_distance / 64) ** bits
-    return max(1, math.ceil(math.log(1 - recall) / math.log(1 - p)))
+    return 1 if p >= 1 else max(1, math.ceil(math.log(1 - recall) / math.log(1 - p)))
 
 
 class _Table:
@@ -146,7 +146,10 @@ def near_pairs(index, probes, max_distance: int, self_join: bool, bits: int = 24
     own first hashes; rows (i, j, d) with i < j, each pair once.
     """
     index = np.asarray(index, dtype=np.int64)
-    probes = np.asarray(probes, dtype=np.int64).reshape(len(probes), -1)
+    probes = np.asarray(probes, dtype=np.int64)
+    probes = probes.reshape(len(probes), -1) if probes.ndim != 2 else probes
+    if not len(index) or not len(probes):
+        return np.zeros((0, 3), dtype=np.int64)
     uniq, inverse = np.unique(index, return_inverse=True)
     pvals, pinv = np.unique(probes.ravel(), return_inverse=True)
     powner = np.repeat(np.arange(len(probes)), probes.shape[1])
@@ -196,42 +199,49 @@ def _thumb(img: Image.Image, w: int, h: int) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32)
 
 
-def align(a: Image.Image, b: Image.Image, side: int, scales=NearParams.scales) -> tuple[np.ndarray, np.ndarray]:
+def align(a: Image.Image, b: Image.Image, side: int, scales=NearParams.scales,
+          coarse: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """The two images on one grid: one (as `side` x `side` thumbnail) is the base, the other (mirrored or not,
-    seen as a crop of the base at one of `scales`, its aspect ratio from the two sizes) the template; the best of
-    these by mean squared error at its best integer offset (template matching), refined to sub-pixel by an affine
-    ECC fit (cv2.findTransformECC) when the template is smaller. Returns (base resampled onto the template's
-    grid, template), float32 RGB."""
+    seen as a crop of the base at one of `scales`, its aspect ratio from the two sizes) the template. The best of
+    these by mean squared error at its best integer offset (template matching on thumbnails of at most `coarse`
+    px), then at `side` px refined to sub-pixel by an affine ECC fit (cv2.findTransformECC) when the template is
+    smaller. Returns (base resampled onto the template's grid, template), float32 RGB."""
     import cv2
 
+    cs = min(side, coarse)
     best = None
     for big, small in ((a, b), (b, a)):
         r = (small.width / small.height) / (big.width / big.height)
-        base = _thumb(big, side, side)
+        base = _thumb(big, cs, cs)
         for mirror, s in itertools.product((False, True), scales):
             if s == 1.0 and big is b:
                 continue  # same as (a, b) at scale 1
             sx, sy = (s, s / r) if r >= 1 else (s * r, s)
-            w, h = max(8, round(side * sx)), max(8, round(side * sy))
+            w, h = max(8, round(cs * sx)), max(8, round(cs * sy))
             t = _thumb(ImageOps.mirror(small) if mirror else small, w, h)
             score = cv2.matchTemplate(base, t, cv2.TM_SQDIFF)
             dy, dx = np.unravel_index(int(np.argmin(score)), score.shape)
             mse = float(score[dy, dx]) / (w * h)
             if best is None or mse < best[0]:
-                best = (mse, base, t, int(dx), int(dy))
-    _, base, t, dx, dy = best
-    h, w = t.shape[:2]
+                best = (mse, big, small, mirror, sx, sy, int(dx), int(dy))
+    _, big, small, mirror, sx, sy, dx, dy = best
+    k = side / cs
+    base = _thumb(big, side, side)
+    w, h = max(8, round(side * sx)), max(8, round(side * sy))
+    t = _thumb(ImageOps.mirror(small) if mirror else small, w, h)
+    if (w, h) == (side, side):
+        return base, t
+    dx, dy = min(round(dx * k), side - w), min(round(dy * k), side - h)
     x = base[dy:dy + h, dx:dx + w]
-    if (w, h) != (side, side):
-        warp = np.array([[1, 0, dx], [0, 1, dy]], np.float32)
-        try:
-            _, warp = cv2.findTransformECC(cv2.cvtColor(t, cv2.COLOR_RGB2GRAY), cv2.cvtColor(base, cv2.COLOR_RGB2GRAY),
-                                           warp, cv2.MOTION_AFFINE,
-                                           (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4), None, 1)
-            x = cv2.warpAffine(base, warp, (w, h), flags=cv2.INTER_LINEAR + cv2.WARP_INVERSE_MAP,
-                               borderMode=cv2.BORDER_REPLICATE)
-        except cv2.error:
-            pass  # no convergence (flat images): the integer offset stands
+    warp = np.array([[1, 0, dx], [0, 1, dy]], np.float32)
+    try:
+        _, warp = cv2.findTransformECC(cv2.cvtColor(t, cv2.COLOR_RGB2GRAY), cv2.cvtColor(base, cv2.COLOR_RGB2GRAY),
+                                       warp, cv2.MOTION_AFFINE,
+                                       (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4), None, 1)
+        x = cv2.warpAffine(base, warp, (w, h), flags=cv2.INTER_LINEAR + cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_REPLICATE)
+    except cv2.error:
+        pass  # no convergence (flat images): the integer offset stands
     return x, t
 
 
@@ -248,11 +258,17 @@ def difference(a: Image.Image, b: Image.Image, params: NearParams = None) -> tup
 
     params = params or NearParams()
     small, large = sorted((min(a.size), min(b.size)))
-    side = max(16, min(params.thumb, small if large <= 1.25 * small else small // 2))
+    same_scale = large <= 1.25 * small
+    side = max(16, min(params.thumb, small if same_scale else small // 2))
     x, y = align(a, b, side, params.scales)
     mean = float(np.sqrt(((x - y) ** 2).sum(axis=2)).mean())
-    e = ((cv2.GaussianBlur(x, (0, 0), params.blur) - cv2.GaussianBlur(y, (0, 0), params.blur)) ** 2).sum(axis=2)
-    local = float(cv2.boxFilter(e, -1, (params.window, params.window), borderType=cv2.BORDER_CONSTANT).max())
+    # blur and window are given at `thumb` px; at the same scale they keep their share of the image on a smaller
+    # side (a detail of a small image is as visible as that of a large one); a resized copy differs pixel by
+    # pixel of the comparison (resampling), so it keeps them in comparison pixels
+    k = side / params.thumb if same_scale else 1.0
+    blur, win = params.blur * k, max(3, round(params.window * k) | 1)
+    e = ((cv2.GaussianBlur(x, (0, 0), blur) - cv2.GaussianBlur(y, (0, 0), blur)) ** 2).sum(axis=2)
+    local = float(cv2.boxFilter(e, -1, (win, win), borderType=cv2.BORDER_CONSTANT).max())
     return mean, math.sqrt(max(local, 0.0)), local / (float(e.mean()) + params.ratio_floor)
 
 
