@@ -18,6 +18,7 @@ group of duplicates the key that comes first in key order is kept; the others po
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -74,6 +75,21 @@ def _dct_bits(arrs: np.ndarray) -> np.ndarray:
     return (bits << np.arange(63, -1, -1, dtype=np.uint64)).sum(axis=1).view(np.int64)
 
 
+@functools.lru_cache(maxsize=None)
+def _resamplers() -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) matrices, (1 + len(WINDOWS), 32, BASE): the whole BASE x BASE thumbnail and each window
+    resampled to 32 x 32 as rows @ grey @ columns^T, with the triangle filter widened to the scale (PIL's
+    antialiased bilinear). One matrix product for all windows instead of one PIL resize each."""
+    def matrix(lo: float, hi: float) -> np.ndarray:
+        scale = (hi - lo) * BASE / 32
+        centres = lo * BASE + (np.arange(32) + 0.5) * scale
+        w = np.clip(1 - np.abs((np.arange(BASE) + 0.5)[None, :] - centres[:, None]) / scale, 0, None)
+        return w / w.sum(axis=1, keepdims=True)
+
+    spans = [((0.0, 1.0), (0.0, 1.0))] + [((w[1], w[3]), (w[0], w[2])) for w in WINDOWS]
+    return (np.stack([matrix(*ys) for ys, _ in spans]), np.stack([matrix(*xs) for _, xs in spans]))
+
+
 def phashes(img: Image.Image) -> tuple[int, int, list[int]]:
     """(pHash, pHash of the mirror image, pHashes of the WINDOWS crops) of an image (best from
     images.decode_grey(data, BASE): any mode is taken to grey here). The candidate search indexes the first and
@@ -81,10 +97,9 @@ def phashes(img: Image.Image) -> tuple[int, int, list[int]]:
     g = img if img.mode == "L" else img.convert("L")
     if g.size != (BASE, BASE):
         g = g.resize((BASE, BASE), Image.Resampling.BOX)
-    full = np.asarray(g.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-    crops = [np.asarray(g.resize((32, 32), Image.Resampling.LANCZOS, box=tuple(v * BASE for v in w)), dtype=np.float64)
-             for w in WINDOWS]
-    h = _dct_bits(np.stack([full, full[:, ::-1], *crops]))
+    rows, cols = _resamplers()
+    small = rows @ np.asarray(g, dtype=np.float64) @ cols.transpose(0, 2, 1)  # (1 + windows, 32, 32)
+    h = _dct_bits(np.concatenate([small[:1], small[:1, :, ::-1], small[1:]]))
     return int(h[0]), int(h[1]), [int(v) for v in h[2:]]
 
 
