@@ -11,6 +11,9 @@ training loss still moved over the last 20% of the steps (a check that the losse
     python benchmarks/gpu_ablation.py                    # full scale: 340 families (204 held-out images), 3 seeds
     python benchmarks/gpu_ablation.py --smoke            # CPU plumbing check (tests/test_ablation_bench.py)
 
+A run whose result.json exists for the same job (row, seed, data, settings) is reused, so an interrupted call
+resumes where it stopped.
+
 Runs go in parallel child processes (--jobs); on a GPU they share it. Results: WORK/ablation.json and the
 markdown table on stdout.
 """
@@ -49,6 +52,10 @@ def _one(job: dict) -> dict:
 
 def _child(job: dict) -> dict:
     out = Path(job["out"])
+    done = out / "result.json"
+    if done.exists() and (out / "job.json").exists() and json.loads((out / "job.json").read_text()) == job:
+        return json.loads(done.read_text())  # finished by an earlier, interrupted call with the same job: reused
+    done.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.json").write_text(json.dumps(job))
     with open(out / "job.log", "w") as log:
@@ -123,11 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.work) / f"{row}-s{seed}-{args.steps}x{args.batch}-{args.image_size}px"
             jobs.append({"row": row, "seed": seed, "urls": urls, "truth": truth, "out": str(out), "train": train,
                          "args": {k: v for k, v in vars(args).items() if k in ("steps", "batch", "threads", "image_size")}})
-    if args.jobs > 1:  # one child process per run (its DataLoader workers fork from it as in `longcap train`)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(_child, jobs))
-    else:
-        runs = [_one(j) for j in jobs]
+    with ThreadPoolExecutor(args.jobs) as pool:  # one child process per run (its DataLoader workers fork from it)
+        runs = list(pool.map(_child, jobs))
     results = []
     for row in rows:
         mine = [r for r in runs if r["model"] == row]

@@ -28,7 +28,9 @@ class SourceCaptioner:
 
             self.checker = QualityChecker(quality_cfg)
 
-    def caption_shard(self, images: pa.Table, tar_path: str | None = None) -> pa.Table:
+    def caption_shard(self, images: pa.Table, tar_path: str | None = None, skip: dict[str, str] | None = None) -> pa.Table:
+        """One row per (key, caption column); `skip`: key -> reason for keys left out (the dedup stage's duplicates)."""
+        skip = skip or {}
         missing = [c for c in self.columns if c not in images.column_names]
         if missing:
             raise ValueError(f"captioner {self.name!r}: columns {missing} are not in the image metadata "
@@ -43,6 +45,8 @@ class SourceCaptioner:
                                 prompt_id=col, text=text, finish_reason="source")
                 if reason != OK:
                     row.update(status=SKIPPED, error=f"no image ({reason}): {r['error_message']}")
+                elif r["key"] in skip:
+                    row.update(status=SKIPPED, error=skip[r["key"]])
                 elif text is None or not str(text).strip():
                     row.update(status=FAILED, error=f"empty caption in column {col!r}")
                 else:

@@ -289,6 +289,9 @@ class DedupSection(Strict):
     window: int = Field(13, ge=3, le=64, description="window side (thumbnail px)")
     thumb: int = Field(256, ge=16, le=512, description="compared at min(thumb, the smaller image's shorter side) px a side (half that side for a copy at another scale)")
     verify_chunk: int = Field(256, ge=1, description="candidate pairs per verification task (the unit of resume)")
+    before_captions: bool = Field(False, description="captions wait for the dedup pass and skip duplicate and "
+                                  "contaminated images (their rows: skipped, with the reason); saves captioner time, "
+                                  "but captioning starts only once every shard is downloaded and the global pass is done")
     evalsets: list[EvalSetRef] = Field(default_factory=list, description="evaluation sets: a training image that "
                                        "is a near duplicate of one of their images is excluded as 'contaminated: <name>'")
 

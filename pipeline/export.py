@@ -130,8 +130,8 @@ def export_shard(shard_name: str, images_meta: pa.Table, images_tar: str, senten
         for key in sorted(meta):
             m = meta[key]
             why = _exclusion(m, kept.get(key), dropped.get(key), cfg)
-            if gone.get(key):  # a duplicate or contaminated image (None for keys without an image)
-                why.insert(0, gone[key])
+            if gone.get(key):  # a duplicate or contaminated image (None for keys without an image): that is why,
+                why = [gone[key]]  # not the captions that dedup.before_captions did not make
             row = {"key": key, "shard": shard_name, "url": m["url"], "width": m["width"], "height": m["height"],
                    "n_captions": len(kept.get(key, [])), "exported": not why, "reasons": why, "tar": None,
                    "captioners": sorted({c["captioner"] for c in kept.get(key, [])}),

@@ -124,10 +124,12 @@ class MLLMCaptioner:
                 return data
         return jpeg_bytes(image)
 
-    def caption_shard(self, images: pa.Table, tar_path: str | None = None) -> pa.Table:
-        """One row per (key, prompt) of the shard; keys without a usable image get a skipped/failed row."""
+    def caption_shard(self, images: pa.Table, tar_path: str | None = None, skip: dict[str, str] | None = None) -> pa.Table:
+        """One row per (key, prompt) of the shard; keys without a usable image get a skipped/failed row, keys in
+        `skip` (key -> reason, e.g. the dedup stage's duplicates) a skipped row with that reason."""
+        skip = skip or {}
         meta = images.select(["key", "status", "error_message"]).to_pylist()
-        usable = {r["key"] for r in meta if download_reason(r["status"], r["error_message"]) == OK}
+        usable = {r["key"] for r in meta if download_reason(r["status"], r["error_message"]) == OK and r["key"] not in skip}
         data = read_tar_images(tar_path, usable) if usable else {}
         rows, requests, slots = [], [], []
         for r in meta:
@@ -137,9 +139,9 @@ class MLLMCaptioner:
                     for p in self.prompts]
             rows.extend(base)
             reason = download_reason(r["status"], r["error_message"])
-            if reason != OK:
+            if reason != OK or key in skip:
                 for row in base:
-                    row.update(status=SKIPPED, error=f"no image ({reason}): {r['error_message']}")
+                    row.update(status=SKIPPED, error=skip[key] if reason == OK else f"no image ({reason}): {r['error_message']}")
                 continue
             try:
                 if key not in data:

@@ -30,3 +30,8 @@ def test_gpu_ablation_smoke_writes_every_row_and_the_papers_claims(tmp_path, cap
         assert c["diffs"] == pytest.approx([x - y for x, y in zip(b, w)])
     out = capsys.readouterr().out
     assert "| SigLIP (not in the paper) | siglip-tiny |" in out and "paired by seed" in out
+    # a second call with the same jobs reuses every finished run (an interrupted ablation resumes)
+    logs = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/job.log")}
+    assert len(logs) == len(rows) and main(["--smoke", "--work", str(tmp_path)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/job.log")} == logs
+    assert json.loads((tmp_path / "ablation.json").read_text())["rows"] == t["rows"]

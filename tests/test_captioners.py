@@ -140,6 +140,12 @@ def test_rows_per_key_and_prompt_with_skips_and_broken_images(tmp_path):
     assert by_key[("0001", "long")]["status"] == "failed" and "image unreadable" in by_key[("0001", "long")]["error"]
     assert by_key[("0002", "short")]["status"] == "skipped" and "http_404" in by_key[("0002", "short")]["error"]
     assert by_key[("0003", "long")]["status"] == "failed" and "not in" in by_key[("0003", "long")]["error"]
+    # keys the dedup stage left out (dedup.before_captions): skipped with its reason, never sent to the model
+    sent = []
+    cap.generate = lambda reqs: (sent.extend(r.key for r in reqs), Echo.generate(cap, reqs))[1]
+    rows = cap.caption_shard(meta, tar, skip={"0000": "duplicate: same url, duplicate_of 9999"}).to_pylist()
+    assert sent == [] and [(r["status"], r["error"]) for r in rows if r["key"] == "0000"] == \
+        [("skipped", "duplicate: same url, duplicate_of 9999")] * 2
 
 
 # ---------------------------------------------------------------- hf backend

@@ -178,17 +178,49 @@ def test_resume_after_a_kill_in_the_global_pass(tmp_path, images):
     assert resumed[K(1, 0)]["duplicate_of"] == K(0, 0) and resumed[K(1, 3)]["duplicate_of"] == K(0, 2)
 
 
+def test_before_captions_duplicates_are_not_captioned(tmp_path, images):
+    """dedup.before_captions: captions wait for the dedup stage (requires) and give duplicate and contaminated keys
+    a skipped row with the dedup reason instead of a caption; off (the default), every image is captioned."""
+    from workflows.stages import CaptionsWorker, requires
+
+    evalset = tmp_path / "heldout"
+    evalset.mkdir()
+    (evalset / "x.jpg").write_bytes(images["c"])
+    shards = [[("u/a", images["a"]), ("u/b", images["b"]), ("u/gone", None)],
+              [("u/a", images["a_other"]), ("u/c", images["c_q85"]), ("u/v1", images["v1"])]]
+    run = _write_images(tmp_path / "run", shards)
+    for s in range(2):  # a caption column, as the input's caption_cols bring it
+        meta = read_table(run.images(f"{shard_name(s)}.parquet"))
+        meta = meta.append_column("caption", pa.array([f"caption of {u}" for u in meta["url"].to_pylist()]))
+        atomic_write_table(run.images(f"{shard_name(s)}.parquet"), meta)
+    heldout = [{"name": "heldout", "path": str(evalset), "kind": "folder"}]
+    cfg = _cfg(tmp_path / "run", evalsets=heldout, before_captions=True)
+    assert requires("captions", cfg) == ["download", "dedup"]
+    assert requires("captions", _cfg(tmp_path / "run", evalsets=heldout)) == ["download"]
+    _dedup(run, cfg, 2)
+    CaptionsWorker(cfg, run.root).run(1)
+    rows = {r["key"]: r for r in read_table(run.output("captions", 1)).to_pylist()}
+    assert [(rows[K(1, i)]["status"], (rows[K(1, i)]["error"] or "")[:40].strip()) for i in range(3)] == [
+        ("skipped", f"duplicate: same url, duplicate_of {K(0, 0)}"[:40]),
+        ("skipped", "contaminated: heldout (near duplicate of"),
+        ("ok", "")]
+    assert rows[K(1, 2)]["text"] == "caption of u/v1"
+    CaptionsWorker(_cfg(tmp_path / "run", evalsets=heldout), run.root).run(1)  # the default: all captioned
+    assert [r["status"] for r in read_table(run.output("captions", 1)).to_pylist()] == ["ok", "ok", "ok"]
+
+
 @pytest.mark.slow
 def test_demo_world_run_accounts_for_duplicates_and_contamination(tmp_path, ray_session):
     """A run of a small synthetic world seeded with a duplicate URL and a copy of an evaluation image: both are
-    left out of export with their reasons, and status counts them. (This world also has a real duplicate:
+    left out of export with their reasons (and, with dedup.before_captions, never captioned), and status counts them. (This world also has a real duplicate:
     family 1's variants 1 and 2 made the same change, so their JPEGs are byte for byte the same.)"""
     from workflows.cli import main
     from workflows.status import format_status, run_status
 
     run_dir = tmp_path / "run"
     cfg = demo_config(run_dir, **{"input.synthetic.duplicates": True, "run.shard_size": 4,
-                                  "dedup": {"evalsets": [{"name": "synth-heldout", "path": "synth/evalset"}]}})
+                                  "dedup": {"evalsets": [{"name": "synth-heldout", "path": "synth/evalset"}],
+                                            "before_captions": True}})
     (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
     assert main(["run", str(tmp_path / "cfg.yaml"), "--no-progress"]) == 0
     st = run_status(RunDir(str(run_dir)))
@@ -196,6 +228,10 @@ def test_demo_world_run_accounts_for_duplicates_and_contamination(tmp_path, ray_
     assert st["dedup"] == {"kept": 8, "duplicates": {"same bytes": 1, "same url": 1},
                            "contaminated": {"synth-heldout": 1}, "no_image": 3}
     assert st["stages"]["export"]["rows"]["ok"] == 8
+    # before_captions: the duplicates and the contaminated image were never captioned
+    assert st["stages"]["captions"]["rows"] == {"ok": 8, "skipped: duplicate": 2, "skipped: contaminated": 1,
+                                                "skipped: no image (http_404)": 1, "skipped: no image (not_an_image)": 1,
+                                                "skipped: no image (truncated)": 1}
     assert st["stages"]["export"]["rows"]["not exported: duplicate"] == 2
     text = format_status(st)
     assert "8 kept, 2 duplicate(s), 1 same bytes, 1 same url; 1 contaminated, 1 by synth-heldout" in text

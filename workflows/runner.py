@@ -355,11 +355,18 @@ class Runner:
         """Whether actors holding `actor_cpus` CPUs (one each) leave no CPU to shard tasks that have work.
         Without this rule a 2-CPU Ray deadlocks: a captions and a regions actor hold both CPUs, waiting for
         download and sentences tasks that can never start."""
-        dd = getattr(self, "dedup", None)
         work = (any(actor is None for _, _, actor in inflight.values())  # tasks in flight (an actor's run names it)
-                or any(WORKERS[s].kind != "actor" and pending[s] for s in self.stages)
-                or (dd is not None and bool(dd.to_hash or dd.ready_for_global())))
+                or any(WORKERS[s].kind != "actor" for s in self._busy_stages(pending, {})))
         return work and actor_cpus > self._cpus() - 1
+
+    def _busy_stages(self, pending, inflight) -> set[str]:
+        """Stages with shards pending or in flight; dedup's hash and global tasks (`dedup:hash`, `dedup:global`)
+        and the hashes it has yet to submit count as dedup's."""
+        busy = {s for s in self.stages if pending[s]} | {v[0].split(":", 1)[0] for v in inflight.values()}
+        dd = getattr(self, "dedup", None)
+        if dd is not None and (dd.to_hash or dd.ready_for_global()):
+            busy.add("dedup")
+        return busy
 
     def _loop(self, shards, pending, base_url, result: RunResult) -> None:
         self._cpus_at = (0.0, 1.0)
@@ -414,10 +421,9 @@ class Runner:
                         q.popleft()
                         started.setdefault(stage, time.time())
                         inflight[ref] = (stage, shard, actor)
+                busy = self._busy_stages(pending, inflight)
                 for stage in self.stages:  # a model stage that gets no more shards gives its CPUs/GPUs back
-                    earlier = self.stages[:self.stages.index(stage)]
-                    if actors[stage] and not pending[stage] and not any(
-                            pending[s] or s in {v[0] for v in inflight.values()} for s in earlier):
+                    if actors[stage] and not pending[stage] and busy.isdisjoint(self.stages[:self.stages.index(stage)]):
                         for a in actors[stage]:
                             ray.kill(a, no_restart=True)
                         live_actors[stage] -= len(actors[stage])

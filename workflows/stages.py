@@ -146,7 +146,11 @@ class CaptionsWorker:
     def run(self, shard: int) -> dict:
         images = read_images_meta(self.run_dir.images(), shard)
         tar = self.run_dir.images(f"{shard_name(shard)}.tar")
-        out = pa.concat_tables([c.caption_shard(images, tar) for c in self.captioners]).cast(CAPTIONS)
+        skip = None
+        if self.cfg.dedup is not None and self.cfg.dedup.before_captions:  # dedup.before_captions: not captioned
+            rows = read_table(self.run_dir.output("dedup", shard)).to_pylist()
+            skip = {r["key"]: why for r in rows if (why := dedup_stage.export_reason(r))}
+        out = pa.concat_tables([c.caption_shard(images, tar, skip) for c in self.captioners]).cast(CAPTIONS)
         atomic_write_table(self.run_dir.output("captions", shard), out)
         return summarize(out)
 
@@ -318,7 +322,8 @@ def requires(stage: str, cfg: Config) -> list[str]:
     """Every stage whose output a shard needs before `stage` can run on it: its upstream, and for export the
     dedup stage when the config has one (duplicates are captioned like any image; export leaves them out)."""
     up = upstream(stage, cfg)
-    return ([up] if up else []) + (["dedup"] if stage == "export" and cfg.dedup is not None else [])
+    gated = stage == "export" or (stage == "captions" and cfg.dedup is not None and cfg.dedup.before_captions)
+    return ([up] if up else []) + (["dedup"] if gated and cfg.dedup is not None else [])
 
 
 def run_worker(worker, shard: int, stage: str | None = None) -> dict:
