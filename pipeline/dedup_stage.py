@@ -271,9 +271,18 @@ def verify_chunk(pairs: pa.Table, source: ImageSource, shard_of: dict[str, int],
     return pairs.append_column("duplicate", pa.array(dup, pa.bool_())).cast(VERIFIED)
 
 
+def _distance(a: dict, b: dict) -> int:
+    """What the candidate search measures between two hashes rows: one's hash, mirror or window hashes against
+    the other's hash, either way."""
+    def probes(r):
+        return np.array([r["phash"], r["phash_mirror"], *(r["phash_crops"] or [])], dtype=np.int64)
+
+    return int(min(dedup.hamming(probes(a), b["phash"]).min(), dedup.hamming(probes(b), a["phash"]).min()))
+
+
 def assign(hashes: pa.Table, verified: pa.Table, cfg) -> pa.Table:
     """Every key that is not kept: duplicate_of (the first key of its group, or the evaluation image) and why."""
-    ok = hashes.filter(pa.compute.equal(hashes["status"], OK)).select(["key", "url_norm", "sha256", "phash", "phash_mirror"])
+    ok = hashes.filter(pa.compute.equal(hashes["status"], OK)).select(["key", "url_norm", "sha256", "phash", "phash_mirror", "phash_crops"])
     info = {r["key"]: r for r in ok.to_pylist()}
     g, exact = exact_groups(hashes, cfg), exact_groups(hashes, cfg)
     contaminated: dict[str, dict] = {}
@@ -295,7 +304,7 @@ def assign(hashes: pa.Table, verified: pa.Table, cfg) -> pa.Table:
         if root == key:
             continue
         a, b = info[key], info[root]
-        d = int(min(dedup.hamming(a["phash"], b["phash"]), dedup.hamming(a["phash_mirror"], b["phash"])))
+        d = _distance(a, b)
         if cfg.url and a["url_norm"] == b["url_norm"]:
             reason = "same url"
         elif cfg.bytes and a["sha256"] and a["sha256"] == b["sha256"]:

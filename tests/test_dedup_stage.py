@@ -138,6 +138,7 @@ def test_cropped_heavily_reencoded_and_resized_copies_across_shards(tmp_path, im
     assert {k: r["duplicate_of"] for k, r in rows.items() if not r["kept"]} == \
         {K(1, 0): K(0, 1), K(1, 1): K(0, 0), K(1, 2): K(0, 2)}
     assert rows[K(1, 3)]["kept"] and rows[K(0, 3)]["kept"]  # v1: a variant of v0
+    assert int(rows[K(1, 0)]["distance"]) <= 8  # the crop's distance is the window hash's, as the search measured
     evalset = tmp_path / "heldout"
     evalset.mkdir()
     (evalset / "a-crop.jpg").write_bytes(_jpeg(_crop(a, 0.06, 10, 2)))  # the evaluation image is the crop
