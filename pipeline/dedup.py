@@ -1,7 +1,7 @@
 """Duplicates and evaluation-set contamination: exact (normalised URL, same bytes) and near (perceptual hash).
 
-Near duplicates are found in two steps. Candidates: every image gets imagehash's 64-bit pHash (DCT of a
-32x32 grey thumbnail) of itself, of its mirror image and of 9 crop windows (92.5% of each side on a 3x3 grid
+Near duplicates are found in two steps. Candidates: every image gets a 64-bit pHash as imagehash defines it
+(8x8 lowest DCT frequencies of a 32x32 grey thumbnail against their median) of itself, of its mirror image and of 9 crop windows (92.5% of each side on a 3x3 grid
 of offsets); a pair is a candidate when one image's hash, mirror hash or a window's hash lies within
 `max_distance` bits of the other's hash, found through bit-sampling LSH tables, so no pass ever compares all
 pairs (a 5-10% crop moves the plain pHash 14-30 bits, the nearest window's hash a few). Verification: pHash is
@@ -61,7 +61,7 @@ def normalise_url(url: str) -> str:
 HASH_VERSION = 2  # names the global pass (workflows/stages.py): cached evaluation-set hashes of another version are not reused
 BASE = 64  # every image is hashed from a grey BASE x BASE thumbnail (JPEGs decoded at a reduced scale to it)
 CROP = 0.925  # crop windows: CROP of each side, on a 3x3 grid of offsets; a 2-10% crop of either image lies
-#               within 2.5% (of the side) of one window (measured: benchmarks/dedup_bench.py)
+#               within 2.5% (of the side) of one window (recall of crop copies: benchmarks/dedup_bench.py)
 WINDOWS = [(x, y, x + CROP, y + CROP) for y in (0, (1 - CROP) / 2, 1 - CROP) for x in (0, (1 - CROP) / 2, 1 - CROP)]
 
 

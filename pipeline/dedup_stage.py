@@ -3,7 +3,8 @@
 Three steps, each committed atomically (pipeline/storage.py), so a run killed anywhere resumes where it was:
 
 1. per shard (`hash_shard`): dedup/_hashes/<shard>.parquet: every key with its normalised URL, img2dataset's
-   sha256 of the downloaded bytes and the pHash of the image and of its mirror (pipeline/dedup.py);
+   sha256 of the downloaded bytes and the pHashes of the image, its mirror and its crop windows
+   (pipeline/dedup.py, from a grey thumbnail decoded at a reduced scale);
 2. global, once every shard is hashed: evaluation sets hashed (dedup/_evalsets/<name>.parquet, cached),
    exact groups (same normalised URL, same bytes), near-duplicate candidates by LSH over pHashes (training
    against training, training against every evaluation set; `candidates`), candidate pairs verified on colour
