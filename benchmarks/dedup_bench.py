@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--neg-families", type=int, default=None,
                     help="families whose variants are the hard negatives (default --families; the thresholds were "
                          "chosen on the first 60, more check them on families they were not chosen on)")
+    ap.add_argument("--heldout-seed", type=int, default=None,
+                    help="also check the variants of --neg-families families of this seed (not the default 7)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: quality,small,negjpeg,speed,index")
     a = ap.parse_args()
@@ -161,6 +163,21 @@ def main() -> None:
             "variant_phash_within_max": int(sum(v[0] <= params.max_distance for _, v in neg)),
             "distinct_pairs_candidates": len(cands), "distinct_pairs_removed": fp_distinct},
             "precision": round(found_total / max(1, found_total + fp), 4)}), flush=True)
+    if a.heldout_seed is not None:
+        # variants of families from another seed: never seen when the thresholds were chosen
+        fam_sc = synthetic.families(a.neg_families or a.families, 3, a.heldout_seed)
+        neg = []
+        for fam in fam_sc:
+            x = synthetic.render(fam[0], 256)[0]
+            for v in fam[1:]:
+                y = synthetic.render(v, 256)[0]
+                neg.append((v.diff, verdict(x, y, hashes_of(x), hashes_of(y))))
+        print(json.dumps({"heldout_variants": {"seed": a.heldout_seed, "family_variants": len(neg),
+                                               "variants_removed": [d for d, v in neg if v[2]],
+                                               "margin": round(min(max(m / params.max_mean, l / params.max_local,
+                                                                       r / params.max_ratio)
+                                                                   for _, (_, sc, _) in neg if sc is not None
+                                                                   for m, l, r in [sc]), 3)}}), flush=True)
     if "small" not in skip:
         # small images (the demo world renders at 128 px): same-scale copies and variants compared at 128 px
         rng = random.Random(1)
