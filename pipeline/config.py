@@ -277,12 +277,17 @@ class DedupSection(Strict):
     benchmarks/BENCHMARKS.md (near-duplicate detection)."""
     url: bool = Field(True, description="the same normalised URL is a duplicate")
     bytes: bool = Field(True, description="the same image bytes (img2dataset's sha256) are a duplicate")
-    near: bool = Field(True, description="near duplicates: pHash candidates verified on colour thumbnails")
+    near: bool = Field(True, description="near duplicates: pHash candidates (whole image, mirror, crop windows) "
+                       "verified on aligned colour thumbnails")
     max_distance: int = Field(8, ge=0, le=32, description="pHash bits (of 64) for a near-duplicate candidate")
-    pixel_delta: float = Field(48.0, gt=0, description="a thumbnail pixel differs when its RGB distance is above this")
-    max_differing: float = Field(0.0005, ge=0, le=1, description="a candidate is a duplicate when at most this fraction of pixels differs")
-    max_mean: float = Field(12.0, ge=0, description="... and its mean RGB distance is at most this")
-    thumb: int = Field(128, ge=16, le=512, description="thumbnail side of the verification")
+    max_mean: float = Field(12.0, ge=0, description="verification: at most this mean RGB distance (0..441) of the aligned thumbnails")
+    max_local: float = Field(46.0, ge=0, description="... and at most this RMS RGB distance in the worst window (after the blur)")
+    max_ratio: float = Field(50.0, ge=0, description="... and the worst window's mean squared distance at most this many times "
+                             "the image's (+ ratio_floor): one changed detail in an otherwise equal image is not a duplicate")
+    ratio_floor: float = Field(4.0, gt=0, description="squared RGB distance added to the image's mean in that ratio")
+    blur: float = Field(1.0, gt=0, description="Gaussian sigma (thumbnail px) before the window statistics")
+    window: int = Field(13, ge=3, le=64, description="window side (thumbnail px)")
+    thumb: int = Field(256, ge=16, le=512, description="compared at min(thumb, the smaller image's shorter side) px a side (half that side for a copy at another scale)")
     verify_chunk: int = Field(256, ge=1, description="candidate pairs per verification task (the unit of resume)")
     before_captions: bool = Field(False, description="captions wait for the dedup pass and skip duplicate and "
                                   "contaminated images (their rows: skipped, with the reason); saves captioner time, "

@@ -3,7 +3,8 @@
 Three steps, each committed atomically (pipeline/storage.py), so a run killed anywhere resumes where it was:
 
 1. per shard (`hash_shard`): dedup/_hashes/<shard>.parquet: every key with its normalised URL, img2dataset's
-   sha256 of the downloaded bytes and the pHash of the image and of its mirror (pipeline/dedup.py);
+   sha256 of the downloaded bytes and the pHashes of the image, its mirror and its crop windows
+   (pipeline/dedup.py, from a grey thumbnail decoded at a reduced scale);
 2. global, once every shard is hashed: evaluation sets hashed (dedup/_evalsets/<name>.parquet, cached),
    exact groups (same normalised URL, same bytes), near-duplicate candidates by LSH over pHashes (training
    against training, training against every evaluation set; `candidates`), candidate pairs verified on colour
@@ -30,7 +31,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from PIL import Image
 
 from . import dedup
-from .images import decode_image
+from .images import decode_grey, decode_image
 from .records import DEDUP, OK, SKIPPED, download_reason, table
 
 HASHES = pa.schema([
@@ -41,6 +42,7 @@ HASHES = pa.schema([
     pa.field("sha256", pa.string()),
     pa.field("phash", pa.int64()),
     pa.field("phash_mirror", pa.int64()),
+    pa.field("phash_crops", pa.list_(pa.int64())),  # pHashes of the crop windows (dedup.WINDOWS)
     pa.field("status", pa.string()),  # ok, or the download reason / "unreadable image"
 ])
 
@@ -49,6 +51,7 @@ EVAL_HASHES = pa.schema([
     pa.field("path", pa.string()),
     pa.field("phash", pa.int64()),
     pa.field("phash_mirror", pa.int64()),
+    pa.field("phash_crops", pa.list_(pa.int64())),
     pa.field("error", pa.string()),
 ])
 
@@ -68,8 +71,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 def params_of(cfg) -> dedup.NearParams:
     """dedup.NearParams from the config's dedup section."""
-    return dedup.NearParams(max_distance=cfg.max_distance, pixel_delta=cfg.pixel_delta,
-                            max_differing=cfg.max_differing, max_mean=cfg.max_mean, thumb=cfg.thumb)
+    return dedup.NearParams(max_distance=cfg.max_distance, max_mean=cfg.max_mean, max_local=cfg.max_local,
+                            max_ratio=cfg.max_ratio, ratio_floor=cfg.ratio_floor, blur=cfg.blur, window=cfg.window,
+                            thumb=cfg.thumb)
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -93,7 +97,7 @@ def hash_shard(shard: int, images_meta: pa.Table, images_tar: str) -> pa.Table:
             continue
         data = next((files[e] for e in files if e not in ("json", "txt")), None)
         try:
-            hashes[key] = dedup.phash(_decode(data))
+            hashes[key] = dedup.phashes(decode_grey(data, dedup.BASE))
         except Exception as e:  # noqa: BLE001 - recorded per key
             bad[key] = f"unreadable image: {type(e).__name__}"
     rows = []
@@ -103,7 +107,7 @@ def hash_shard(shard: int, images_meta: pa.Table, images_tar: str) -> pa.Table:
         status = OK if h else (bad.get(m["key"]) or ("unreadable image: missing from tar" if reason == OK else reason))
         rows.append({"key": m["key"], "shard": shard, "url": m["url"], "url_norm": dedup.normalise_url(m["url"] or ""),
                      "sha256": m["sha256"] if h else None, "phash": h[0] if h else None,
-                     "phash_mirror": h[1] if h else None, "status": status})
+                     "phash_mirror": h[1] if h else None, "phash_crops": h[2] if h else None, "status": status})
     return table(rows, HASHES)
 
 
@@ -147,10 +151,10 @@ def evalset_images(root: str, kind: str, split: str | None = None) -> list[tuple
 def hash_evalset(items: list[tuple[str, str]]) -> pa.Table:
     rows = []
     for ident, path in items:
-        row = {"id": ident, "path": path, "phash": None, "phash_mirror": None, "error": None}
+        row = {"id": ident, "path": path, "phash": None, "phash_mirror": None, "phash_crops": None, "error": None}
         try:
             with fsspec.open(path, "rb") as f:
-                row["phash"], row["phash_mirror"] = dedup.phash(_decode(f.read()))
+                row["phash"], row["phash_mirror"], row["phash_crops"] = dedup.phashes(decode_grey(f.read(), dedup.BASE))
         except Exception as e:  # noqa: BLE001 - an unreadable evaluation image is reported, not fatal
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
@@ -193,30 +197,39 @@ def exact_groups(hashes: pa.Table, cfg) -> _Groups:
     return g
 
 
+def _probes(t: pa.Table) -> np.ndarray:
+    """(rows, 2 + windows) int64: pHash, mirror pHash and crop-window pHashes of every row of a hashes table."""
+    crops = t["phash_crops"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.column_stack([t["phash"].to_numpy(zero_copy_only=False), t["phash_mirror"].to_numpy(zero_copy_only=False),
+                            np.asarray(crops, dtype=np.int64).reshape(t.num_rows, -1)]).astype(np.int64)
+
+
 def candidates(hashes: pa.Table, evals: dict[str, pa.Table], cfg, seed: int = 0) -> pa.Table:
-    """Near-duplicate candidate pairs (pHash within max_distance, directly or mirrored), sorted: training pairs
-    not already in one exact group, and (training key, evaluation image) pairs for every set."""
+    """Near-duplicate candidate pairs, sorted: pairs of training keys, and (training key, evaluation image) pairs
+    for every set, whose pHashes lie within max_distance bits (one image's hash, mirror hash or a crop window's
+    hash against the other's hash; dedup.near_pairs). Only the first key of each exact group (same normalised
+    URL or bytes) takes part: its group follows it."""
     ok = hashes.filter(pa.compute.equal(hashes["status"], OK)).sort_by("key")
+    g = exact_groups(hashes, cfg)
+    ok = ok.filter(pa.array([g.root(k) == k for k in ok["key"].to_pylist()], pa.bool_()))
     keys = ok["key"].to_pylist()
-    h = np.asarray(ok["phash"].to_numpy(zero_copy_only=False), dtype=np.int64)
-    f = np.asarray(ok["phash_mirror"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    probes = _probes(ok)
     rows = []
     if keys and cfg.near:
-        g = exact_groups(hashes, cfg)
-        for i, j in dedup.candidate_pairs(h, f, cfg.max_distance, seed=seed):
-            if g.root(keys[i]) != g.root(keys[j]):
-                d = int(min(dedup.hamming(h[i], h[j]), dedup.hamming(f[i], h[j])))
-                rows.append({"a": keys[i], "b": keys[j], "evalset": None, "distance": d})
+        for i, j, d in dedup.near_pairs(probes[:, 0], probes, cfg.max_distance, self_join=True, seed=seed):
+            rows.append({"a": keys[i], "b": keys[j], "evalset": None, "distance": int(d)})
     for name in sorted(evals):
         ev = evals[name].filter(pa.compute.is_valid(evals[name]["phash"]))
         if not keys or not ev.num_rows:
             continue
-        eh = np.asarray(ev["phash"].to_numpy(zero_copy_only=False), dtype=np.int64)
-        ef = np.asarray(ev["phash_mirror"].to_numpy(zero_copy_only=False), dtype=np.int64)
+        eprobes = _probes(ev)
         ids = ev["id"].to_pylist()
-        for q, j in dedup.candidate_pairs(eh, ef, cfg.max_distance, queries=h, query_flips=f, seed=seed):
-            d = int(min(dedup.hamming(h[q], eh[j]), dedup.hamming(f[q], eh[j])))
-            rows.append({"a": keys[q], "b": f"{name}/{ids[j]}", "evalset": name, "distance": d})
+        best: dict[tuple[int, int], int] = {}  # (training row, evaluation row) -> distance; crops either way
+        for q, j, d in dedup.near_pairs(eprobes[:, 0], probes, cfg.max_distance, self_join=False, seed=seed):
+            best[q, j] = int(d)
+        for j, q, d in dedup.near_pairs(probes[:, 0], eprobes, cfg.max_distance, self_join=False, seed=seed):
+            best[q, j] = min(int(d), best.get((q, j), 64))
+        rows += [{"a": keys[q], "b": f"{name}/{ids[j]}", "evalset": name, "distance": d} for (q, j), d in best.items()]
     rows.sort(key=lambda r: (r["a"], r["evalset"] or "", r["b"]))
     return table(rows, CANDIDATES)
 
@@ -259,11 +272,20 @@ def verify_chunk(pairs: pa.Table, source: ImageSource, shard_of: dict[str, int],
     return pairs.append_column("duplicate", pa.array(dup, pa.bool_())).cast(VERIFIED)
 
 
+def _distance(a: dict, b: dict) -> int:
+    """What the candidate search measures between two hashes rows: one's hash, mirror or window hashes against
+    the other's hash, either way."""
+    def probes(r):
+        return np.array([r["phash"], r["phash_mirror"], *(r["phash_crops"] or [])], dtype=np.int64)
+
+    return int(min(dedup.hamming(probes(a), b["phash"]).min(), dedup.hamming(probes(b), a["phash"]).min()))
+
+
 def assign(hashes: pa.Table, verified: pa.Table, cfg) -> pa.Table:
     """Every key that is not kept: duplicate_of (the first key of its group, or the evaluation image) and why."""
-    ok = hashes.filter(pa.compute.equal(hashes["status"], OK)).select(["key", "url_norm", "sha256", "phash", "phash_mirror"])
+    ok = hashes.filter(pa.compute.equal(hashes["status"], OK)).select(["key", "url_norm", "sha256", "phash", "phash_mirror", "phash_crops"])
     info = {r["key"]: r for r in ok.to_pylist()}
-    g = exact_groups(hashes, cfg)
+    g, exact = exact_groups(hashes, cfg), exact_groups(hashes, cfg)
     contaminated: dict[str, dict] = {}
     for r in verified.filter(pa.compute.field("duplicate")).to_pylist():
         if r["evalset"] is None:
@@ -274,8 +296,8 @@ def assign(hashes: pa.Table, verified: pa.Table, cfg) -> pa.Table:
                 contaminated[r["a"]] = r
     rows = []
     for key in sorted(info):
-        if key in contaminated:
-            c = contaminated[key]
+        c = contaminated.get(key) or contaminated.get(exact.root(key))  # an exact copy of a contaminated key is one too
+        if c is not None:
             rows.append({"key": key, "duplicate_of": c["b"], "reason": f"contaminated: {c['evalset']}",
                          "distance": c["distance"]})
             continue
@@ -283,7 +305,7 @@ def assign(hashes: pa.Table, verified: pa.Table, cfg) -> pa.Table:
         if root == key:
             continue
         a, b = info[key], info[root]
-        d = int(min(dedup.hamming(a["phash"], b["phash"]), dedup.hamming(a["phash_mirror"], b["phash"])))
+        d = _distance(a, b)
         if cfg.url and a["url_norm"] == b["url_norm"]:
             reason = "same url"
         elif cfg.bytes and a["sha256"] and a["sha256"] == b["sha256"]:

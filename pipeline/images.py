@@ -66,6 +66,17 @@ def decode_image(data, max_pixels: float = MAX_PIXELS, max_side: int | None = No
     return im
 
 
+def decode_grey(data, side: int, max_pixels: float = MAX_PIXELS) -> Image.Image:
+    """8-bit grey image of at least `side` px a side where the image has them, for hashing: the same checks as
+    decode_image; a JPEG is decoded straight to grey at the largest DCT reduction (1/2, 1/4, 1/8) that keeps
+    `side` px, other formats go through to_rgb (alpha on white) and then to grey."""
+    with _named_errors():
+        im = _open(data, max_pixels)
+        im.draft("L", (side, side))
+        im.load()
+    return im if im.mode == "L" else to_rgb(im).convert("L")
+
+
 def _ends_with_eoi(stream) -> bool:
     """Whether a JPEG's last two bytes are its EOI marker. Entropy-coded data never holds FF D9 (a data FF is
     followed by 00 or a restart marker), so a file cut short does not end with it."""

@@ -120,6 +120,37 @@ def test_contaminated_image_is_excluded_with_its_set(tmp_path, images):
     assert rows[K(0, 0)]["kept"] and rows[K(1, 0)]["kept"]  # v1 is a variant of the evaluation image v0: kept
 
 
+def _crop(img: Image.Image, frac: float, dx: int, dy: int) -> Image.Image:
+    cw, ch = int(img.width * frac), int(img.height * frac)
+    return img.crop((dx, dy, img.width - cw + dx, img.height - ch + dy))
+
+
+def test_cropped_heavily_reencoded_and_resized_copies_across_shards(tmp_path, images):
+    """The crop windows' hashes make 5-10% crops candidates through the stage's stored hashes; verification takes
+    a q30 re-encode and a lanczos resize, keeps a one-detail variant; a crop of an evaluation image (and the
+    evaluation image a crop of a training image) is contamination."""
+    a, b, c = _scene(0), _scene(1), _scene(2)
+    shards = [[("u/a", images["a"]), ("u/b", images["b"]), ("u/c", images["c"]), ("u/v0", images["v0"])],
+              [("u/b-crop10", _jpeg(_crop(b, 0.10, 3, 20), 75)), ("u/a-q30", _jpeg(a, 30)),
+               ("u/c-lanczos", _jpeg(c.resize((160, 160), Image.LANCZOS), 90)), ("u/v1", images["v1"])]]
+    run = _write_images(tmp_path / "run", shards)
+    rows = _dedup(run, _cfg(tmp_path / "run"), 2)
+    assert {k: r["duplicate_of"] for k, r in rows.items() if not r["kept"]} == \
+        {K(1, 0): K(0, 1), K(1, 1): K(0, 0), K(1, 2): K(0, 2)}
+    assert rows[K(1, 3)]["kept"] and rows[K(0, 3)]["kept"]  # v1: a variant of v0
+    assert int(rows[K(1, 0)]["distance"]) <= 8  # the crop's distance is the window hash's, as the search measured
+    evalset = tmp_path / "heldout"
+    evalset.mkdir()
+    (evalset / "a-crop.jpg").write_bytes(_jpeg(_crop(a, 0.06, 10, 2)))  # the evaluation image is the crop
+    (evalset / "b.jpg").write_bytes(images["b"])
+    run = _write_images(tmp_path / "run2", [[("u/a", images["a"]), ("u/b-crop", _jpeg(_crop(b, 0.05, 0, 12), 50))],
+                                            [("u/c", images["c"])]])
+    cfg = _cfg(tmp_path / "run2", evalsets=[{"name": "heldout", "path": str(evalset), "kind": "folder"}])
+    rows = _dedup(run, cfg, 2)
+    assert {k: (r["reason"], r["duplicate_of"]) for k, r in rows.items() if not r["kept"]} == \
+        {K(0, 0): ("contaminated: heldout", "heldout/a-crop.jpg"), K(0, 1): ("contaminated: heldout", "heldout/b.jpg")}
+
+
 def test_resume_after_a_kill_in_the_global_pass(tmp_path, images):
     shards = [[("u/a", images["a"]), ("u/b", images["b"]), ("u/c", images["c"])],
               [("u/a2", images["a_small"]), ("u/v0", images["v0"]), ("u/v1", images["v1"]), ("u/c2", images["c_q85"])]]

@@ -49,7 +49,7 @@ class DedupWorker:
 
     def hash(self, shard: int) -> dict:
         out = self.run_dir.dedup_hashes(shard)
-        if not exists(out):
+        if not exists(out) or "phash_crops" not in read_table(out).column_names:  # (hashes of before crop windows)
             meta = read_images_meta(self.run_dir.images(), shard)
             atomic_write_table(out, dedup_stage.hash_shard(shard, meta, self.run_dir.images(f"{shard_name(shard)}.tar")))
         return {"shard": shard}
@@ -123,7 +123,10 @@ def dedup_fingerprint(cfg: Config) -> str:
     starts a new one) and one shard plan."""
     import hashlib
 
-    doc = json.dumps([cfg.dedup.model_dump(mode="json") if cfg.dedup else None, cfg.run.shard_size, cfg.run.seed],
+    from pipeline.dedup import HASH_VERSION
+
+    doc = json.dumps([cfg.dedup.model_dump(mode="json") if cfg.dedup else None, cfg.run.shard_size, cfg.run.seed,
+                      HASH_VERSION],
                      sort_keys=True)
     return hashlib.blake2b(doc.encode(), digest_size=6).hexdigest()
 
