@@ -112,7 +112,12 @@ class RunDir:
 
     def committed(self, stage: str) -> set[int]:
         """Shard ids whose output file exists, from one listing of the stage folder (not one check per shard)."""
-        fs, folder = fsspec.core.url_to_fs(self.stage_dir(stage))
+        return self.shard_ids(self.stage_dir(stage))
+
+    @staticmethod
+    def shard_ids(folder_url: str) -> set[int]:
+        """Shard ids of the `NNNNN.parquet` files in one folder, from one listing."""
+        fs, folder = fsspec.core.url_to_fs(folder_url)
         try:  # locally the names alone (fsspec's local ls stats every file: seconds at 100k)
             names = os.listdir(folder) if "file" in fs.protocol else fs.ls(folder, detail=False)
         except FileNotFoundError:

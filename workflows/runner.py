@@ -97,12 +97,7 @@ class DedupBarrier:
     def __init__(self, cfg: Config, run: RunDir, all_shards: list[int]):
         self.cfg, self.run, self.all = cfg, run, set(all_shards)
         self.worker = WORKERS["dedup"](cfg, run.root)
-        fs, folder = run.fs, run.dedup_hashes(0).rsplit("/", 1)[0]
-        try:
-            names = os.listdir(folder) if run.is_local else [n.rsplit("/", 1)[-1] for n in fs.ls(folder, detail=False)]
-        except FileNotFoundError:
-            names = []
-        self.hashed = {int(n[:-8]) for n in names if n.endswith(".parquet") and n[:-8].isdigit()}
+        self.hashed = run.shard_ids(run.dedup_hashes(0).rsplit("/", 1)[0])
         self.done = exists(self.worker.groups_path())
         self.failed: str | None = None  # the global step failed for good in this run
         self.to_hash: collections.deque = collections.deque()
