@@ -49,6 +49,11 @@ def make_key(shard_id: int, index: int, shard_size: int) -> str:
     return f"{shard_id * 10**k + index:0{SHARD_DIGITS + k}d}"
 
 
+def key_shard(key: str, shard_size: int) -> int:
+    """The shard id inside a key made by make_key."""
+    return int(key) // 10 ** key_digits(shard_size)
+
+
 class CheckedResizer:
     """img2dataset's Resizer behind longcap's image check."""
 

@@ -13,7 +13,7 @@ from collections import Counter
 from pipeline.captions import build_captioner
 from pipeline.config import Config, ConfigError
 from pipeline import dedup_stage
-from pipeline.download import download_shard, key_digits, read_images_meta, shard_name
+from pipeline.download import download_shard, key_shard, read_images_meta, shard_name
 from pipeline.export import export_shard
 from pipeline.records import CAPTIONS, OK
 from pipeline.sentences import SentenceSplitter
@@ -88,7 +88,7 @@ class DedupWorker:
             lo, hi = dedup_stage.chunks(cands.num_rows, self.cfg.dedup.verify_chunk)[i]
             part = cands.slice(lo, hi - lo)
             refs = {r for c in ("a", "b") for r in part[c].to_pylist()}
-            shard_of = {k: int(k) // 10 ** key_digits(self.cfg.run.shard_size) for k in refs if "/" not in k}
+            shard_of = {k: key_shard(k, self.cfg.run.shard_size) for k in refs if "/" not in k}
             evals = {}
             for name, t in self._evalsets().items():
                 evals.update({f"{name}/{i_}": p for i_, p in zip(t["id"].to_pylist(), t["path"].to_pylist())})
@@ -101,11 +101,9 @@ class DedupWorker:
         chunks not verified yet (default: here, one after another)."""
         t0 = time.time()
         if not exists(self.groups_path()):
-            cands = self._candidates(shards)
-            todo = [i for i in range(len(dedup_stage.chunks(cands.num_rows, self.cfg.dedup.verify_chunk)))
-                    if not exists(self._chunk_path(i))]
+            n = len(dedup_stage.chunks(self._candidates(shards).num_rows, self.cfg.dedup.verify_chunk))
+            todo = [i for i in range(n) if not exists(self._chunk_path(i))]
             (verify_all or (lambda ids: [self.verify(i) for i in ids]))(todo)
-            n = len(dedup_stage.chunks(cands.num_rows, self.cfg.dedup.verify_chunk))
             verified = (pa.concat_tables([read_table(self._chunk_path(i)) for i in range(n)]).cast(dedup_stage.VERIFIED)
                         if n else dedup_stage.VERIFIED.empty_table())
             atomic_write_table(self.groups_path(), dedup_stage.assign(self._hashes(shards), verified, self.cfg.dedup))
