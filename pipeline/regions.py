@@ -150,6 +150,7 @@ class RegionPairer:
                        for c, r in zip(classes, regs)]
         else:
             classes = [(c, 1.0) if c else None for c in classes]
+        dets = [k for k, c in enumerate(classes) if c]  # the detector's boxes among the regions
         matches = []
         for c in captions:
             sents = c["sentences"]
@@ -166,9 +167,9 @@ class RegionPairer:
                     phrase = region_emb @ self.text_cache[kind.phrases[0].text]  # what a crop can show
                     column = phrase if self.cfg.object_text == "phrase" else (column + phrase) / 2
                 columns.append(column + label)
-            joint = self._assign(kinds, columns, classes, regs)
+            joint = self._assign(kinds, columns, dets, regs)
             for i, (s, kind) in enumerate(zip(sents, kinds)):
-                m = joint.get(i) or self._pair(kind, columns[i], regs, region_emb, classes, weight)
+                m = joint.get(i) or self._pair(kind, columns[i], regs, region_emb, classes, dets, weight)
                 matches.append({"captioner": c["captioner"], "prompt_id": c["prompt_id"], "sentence_index": i,
                                 "sentence": s, "kind": kind.kind, **m})
         row.update(regions=regs, n_regions=len(regs))
@@ -178,13 +179,12 @@ class RegionPairer:
         else:
             row.update(status=SKIPPED, error="no sentences" + (f": {'; '.join(why)}" if why else ""))
 
-    def _assign(self, kinds: list, columns: list, classes: list, regs: list) -> dict:
+    def _assign(self, kinds: list, columns: list, dets: list[int], regs: list) -> dict:
         """object_assignment one_to_one: a caption's object sentences on distinct regions (of their pool), jointly."""
         cfg = self.cfg
         objs = [i for i, k in enumerate(kinds) if k.kind == OBJECT]
         if cfg.object_assignment != "one_to_one" or cfg.pair_object != "best" or len(objs) < 2 or not len(columns[0]):
             return {}
-        dets = [k for k, c in enumerate(classes) if c]
         pool = dets if cfg.object_regions == "detector" and dets else list(range(len(columns[0])))
         # one object, one candidate: a region and its near-equal class alternatives (IoU >= dedup_iou) are one
         # group, scored per sentence by its best member, so two sentences never take two readings of one object
@@ -203,12 +203,11 @@ class RegionPairer:
         return dict(zip(objs, got))
 
     def _pair(self, kind, column: np.ndarray, regs: list[dict], region_emb: np.ndarray, classes: list,
-              weight: float) -> dict:
+              dets: list[int], weight: float) -> dict:
         """One sentence's match by its kind's rule (regions.pair_<kind>); may append a region to regs."""
         cfg, n = self.cfg, len(column)
         mode = {"object": cfg.pair_object, "relation": cfg.pair_relation, "scene": cfg.pair_scene,
                 "other": cfg.pair_other}[kind.kind]
-        dets = [k for k, c in enumerate(classes) if c]
         pool = dets if kind.kind == "object" and cfg.object_regions == "detector" and dets else list(range(n))
         best = _best_of(column, pool, cfg)
         if mode == "none":
