@@ -283,7 +283,7 @@ def write_repeated_captions(run_dir: RunDir, index: pa.Table, cfg_repeats: int |
     shard_of = dict(zip(keys, index["shard"].to_pylist()))
     texts = {}
     for d in repeated[:100]:  # the text of the first 100, read back from a shard that has it
-        sents = read_table(run_dir.path("sentences", f"{shard_of[first[d][0]]}.parquet"), ["key", "text"])
+        sents = read_table(run_dir.output("sentences", int(shard_of[first[d][0]])), ["key", "text"])
         texts[d] = next((t for k, t in zip(sents["key"].to_pylist(), sents["text"].to_pylist())
                          if k == first[d][0] and dedup_stage.caption_digest(t) == d), None)
     doc = {"min_images": cfg_repeats, "texts": len(repeated), "images": len({k for d in repeated for k in first[d]}),
