@@ -10,7 +10,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # workers inherit it; forced (never setdefault), so no test can reach a real bucket with a developer's settings.
 from s3_helpers import free_port, loopback_env, moto_server, new_bucket  # noqa: E402
 
-S3_PORT = free_port()
+# one port per test process, even if this module is imported twice (as `conftest` and `tests.conftest`): a
+# second pick would point AWS_ENDPOINT_URL away from the session's server
+S3_PORT = int(os.environ.setdefault("LONGCAP_TEST_S3_PORT", str(free_port())))
 for _k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
     os.environ.pop(_k, None)
 os.environ.update(loopback_env(S3_PORT))

@@ -468,7 +468,7 @@ def test_ablate_trains_every_row_with_the_same_section(world, tmp_path, capsys):
 
     import yaml
 
-    from tests.conftest import demo_config
+    from conftest import demo_config
     from tests.test_train import world_shards
     from workflows.evalcmd import row_config
 
