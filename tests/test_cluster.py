@@ -1,6 +1,7 @@
 """Several Ray nodes on one machine (issue 18 item 3): a head and two worker nodes (ray.cluster_utils.Cluster,
 each node its own raylet and resources), the pipeline driven by `longcap run` with `ray.address` on an S3 run
-directory (moto on 127.0.0.1). One worker node's raylet is SIGKILLed mid-run: the run finishes on the other,
+directory (moto on 127.0.0.1). One worker node's raylet is SIGKILLed mid-run, while a worker of that node is
+frozen (SIGSTOP) in the middle of a shard: the shard is retried, the run finishes on the other node,
 every URL is accounted for, and the outputs equal a clean run's.
 
 The driver runs in a subprocess: this test process may already hold the session's local Ray, and a process
@@ -9,6 +10,7 @@ with an image that has it.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import fsspec
+import psutil
 import pytest
 import yaml
 
@@ -40,6 +43,29 @@ def _config(tmp_path, run: str, address: str, name: str) -> Path:
     return p
 
 
+_BUSY = ("ray::_shard_task", "ray::_StageActor.run", "ray::_dedup_task")  # Ray's process titles while running one
+
+
+def _freeze_busy_worker(raylet_pid: int, driver: subprocess.Popen, deadline: float) -> bool:
+    """SIGSTOP a worker of this raylet while it runs a shard (Ray retitles a worker `ray::<task>` while it
+    executes and replies to the owner only after the title is reset, so a worker stopped with a busy title has
+    not returned its shard). False if the run ended first."""
+    while time.time() < deadline and driver.poll() is None:
+        for p in psutil.Process(raylet_pid).children(recursive=True):
+            try:
+                if not " ".join(p.cmdline()).startswith(_BUSY):
+                    continue
+                p.suspend()
+                title = " ".join(p.cmdline())
+                if title.startswith(_BUSY):
+                    return True
+                p.resume()
+            except psutil.Error:
+                continue
+        time.sleep(0.02)
+    return False
+
+
 def _local_copy(run: str, dest: Path) -> Path:
     fs, base = fsspec.core.url_to_fs(run)
     fs.get(base + "/", str(dest) + "/", recursive=True)
@@ -61,7 +87,8 @@ def test_worker_node_killed_mid_run_the_run_finishes_on_the_other(s3_bucket, tmp
         log = tmp_path / "clean.log"
         assert _driver(_config(tmp_path, clean, cluster.address, "clean"), log).wait(600) == 0, log.read_text()[-3000:]
 
-        # the faulted run: SIGKILL the second worker node's raylet once the first shard is committed
+        # the faulted run: once the first shard is committed, freeze a worker of the second node mid-shard and
+        # SIGKILL that node's raylet
         log = tmp_path / "faulted.log"
         proc = _driver(_config(tmp_path, faulted, cluster.address, "faulted"), log)
         fs, base = fsspec.core.url_to_fs(faulted)
@@ -73,15 +100,14 @@ def test_worker_node_killed_mid_run_the_run_finishes_on_the_other(s3_bucket, tmp
             except OSError:
                 pass
             time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before the fault: " + log.read_text()[-3000:]
         raylet = workers[1].all_processes["raylet"][0].process
-        os.kill(raylet.pid, signal.SIGKILL)
+        assert _freeze_busy_worker(raylet.pid, proc, deadline), "no shard ran on the second node before the run ended: " + log.read_text()[-3000:]
+        os.kill(raylet.pid, signal.SIGKILL)  # the frozen worker dies with it (the die-with-raylet hook)
         raylet.wait(30)  # dead: the node's shards from now on run on the other node
         rc = proc.wait(600)
         out = log.read_text()
         assert rc == 0, out[-4000:]
-        # (whether a shard was in flight on the killed node is timing: tasks whose worker outlives its raylet
-        # still return their result; retries then show as "failed (attempt 1), retrying" in the log)
+        assert re.search(r"failed.*retrying", out), out[-4000:]  # the shard frozen on the killed node ran again
     finally:
         cluster.shutdown()
 
