@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) the pipeline")
     r.add_argument("config", help="config YAML, or a run directory to resume")
     r.add_argument("overrides", nargs="*", help="dotted.key=value")
-    r.add_argument("--stages", help="comma-separated subset of: download,captions,sentences,regions,export,train")
+    r.add_argument("--stages", help="comma-separated subset of: download,dedup,captions,sentences,regions,export,train")
     r.add_argument("--shards", help="comma-separated shard ids, e.g. 00003,00007")
     r.add_argument("--force", action="store_true", help="continue a run whose config changed")
     r.add_argument("--no-progress", action="store_true")
