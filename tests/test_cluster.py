@@ -101,7 +101,8 @@ def test_worker_node_killed_mid_run_the_run_finishes_on_the_other(s3_bucket, tmp
                 pass
             time.sleep(0.2)
         raylet = workers[1].all_processes["raylet"][0].process
-        assert _freeze_busy_worker(raylet.pid, proc, deadline), "no shard ran on the second node before the run ended: " + log.read_text()[-3000:]
+        assert _freeze_busy_worker(raylet.pid, proc, deadline), \
+            "no shard ran on the second node before the run ended: " + log.read_text()[-3000:]
         os.kill(raylet.pid, signal.SIGKILL)  # the frozen worker dies with it (the die-with-raylet hook)
         raylet.wait(30)  # dead: the node's shards from now on run on the other node
         rc = proc.wait(600)
