@@ -46,10 +46,10 @@ def _config(tmp_path, run: str, address: str, name: str) -> Path:
 _BUSY = ("ray::_shard_task", "ray::_StageActor.run", "ray::_dedup_task")  # Ray's process titles while running one
 
 
-def _freeze_busy_worker(raylet_pid: int, driver: subprocess.Popen, deadline: float) -> bool:
+def _freeze_busy_worker(raylet_pid: int, driver: subprocess.Popen, deadline: float) -> psutil.Process | None:
     """SIGSTOP a worker of this raylet while it runs a shard (Ray retitles a worker `ray::<task>` while it
     executes and replies to the owner only after the title is reset, so a worker stopped with a busy title has
-    not returned its shard). False if the run ended first."""
+    not returned its shard). None if the run ended first."""
     while time.time() < deadline and driver.poll() is None:
         for p in psutil.Process(raylet_pid).children(recursive=True):
             try:
@@ -58,12 +58,12 @@ def _freeze_busy_worker(raylet_pid: int, driver: subprocess.Popen, deadline: flo
                 p.suspend()
                 title = " ".join(p.cmdline())
                 if title.startswith(_BUSY):
-                    return True
+                    return p
                 p.resume()
             except psutil.Error:
                 continue
         time.sleep(0.02)
-    return False
+    return None
 
 
 def _local_copy(run: str, dest: Path) -> Path:
@@ -101,10 +101,17 @@ def test_worker_node_killed_mid_run_the_run_finishes_on_the_other(s3_bucket, tmp
                 pass
             time.sleep(0.2)
         raylet = workers[1].all_processes["raylet"][0].process
-        assert _freeze_busy_worker(raylet.pid, proc, deadline), \
-            "no shard ran on the second node before the run ended: " + log.read_text()[-3000:]
-        os.kill(raylet.pid, signal.SIGKILL)  # the frozen worker dies with it (the die-with-raylet hook)
+        frozen = _freeze_busy_worker(raylet.pid, proc, deadline)
+        assert frozen, "no shard ran on the second node before the run ended: " + log.read_text()[-3000:]
+        os.kill(raylet.pid, signal.SIGKILL)
         raylet.wait(30)  # dead: the node's shards from now on run on the other node
+        # the frozen worker dies with its raylet (die_with_raylet's parent-death signal; SIGKILL ends a stopped
+        # process too); alive, it would hold the driver's call open until gRPC's 5-minute keepalive
+        try:
+            frozen.wait(10)
+        except psutil.TimeoutExpired:
+            frozen.kill()
+            pytest.fail("a worker outlived its raylet by 10 s")
         rc = proc.wait(600)
         out = log.read_text()
         assert rc == 0, out[-4000:]

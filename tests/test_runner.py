@@ -242,3 +242,31 @@ def test_actors_never_hold_the_last_cpu_while_shard_tasks_wait():
     assert not r._starves_tasks(2, dict(none, captions=[5]), {})
     r._cpus_at = (time.time(), 4.0)
     assert not r._starves_tasks(2, downloads_left, {}) and r._starves_tasks(4, downloads_left, {})
+
+
+def test_task_and_actor_workers_die_with_their_raylet(ray_session):
+    """die_with_raylet runs first in every task and actor method: the parent-death signal it sets belongs to the
+    calling thread, so it must be the worker's main thread (where Ray runs tasks and sync actor methods), and the
+    parent must be the raylet."""
+    import ctypes
+    import threading
+
+    import ray
+
+    from workflows.runner import die_with_raylet
+
+    def probe():
+        die_with_raylet()
+        sig = ctypes.c_int(0)
+        ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = f.read()
+        return sig.value, threading.current_thread() is threading.main_thread(), b"raylet" in parent
+
+    @ray.remote
+    class Probe:
+        def run(self):
+            return probe()
+
+    assert ray.get(ray.remote(probe).remote()) == (signal.SIGKILL, True, True)
+    assert ray.get(Probe.remote().run.remote()) == (signal.SIGKILL, True, True)

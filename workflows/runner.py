@@ -38,20 +38,22 @@ def ensure_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     rc = cfg.ray
-    if not rc.address:
-        STARTED_HERE.append(True)
     if rc.address:
         ray.init(address=rc.address, runtime_env=rc.runtime_env, log_to_driver=True)
-    else:  # every worker of the local Ray dies with it, from its start (before it can take any work)
-        env = {"worker_process_setup_hook": "workflows.runner.die_with_raylet", **(rc.runtime_env or {})}
-        ray.init(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=False, runtime_env=env,
+    else:
+        STARTED_HERE.append(True)
+        ray.init(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=False, runtime_env=rc.runtime_env,
                  log_to_driver=True)
 
 
 def die_with_raylet() -> None:
-    """(Linux) This worker gets SIGKILL when the raylet that started it dies: the worker_process_setup_hook of
-    the local Ray that `longcap run` starts. Ray kills that raylet with the driver, but its workers (each in its
-    own process group) lived on for about 30 s after `longcap run` was killed: long enough to commit an output."""
+    """(Linux) This worker gets SIGKILL when the raylet that started it dies. Called first in every task and actor
+    method, before any work: Ray kills a local raylet with the driver, but its workers (each in its own process
+    group) lived on for about 30 s after `longcap run` was killed, long enough to commit an output; on a cluster a
+    worker frozen when its node's raylet died held its shard until gRPC's 5-minute keepalive. (Not a
+    worker_process_setup_hook: a job runtime_env makes Ray start workers of its own instead of using the ones it
+    prestarted, 1-2 s of a short run.) The parent-death signal belongs to the calling thread: Ray runs tasks and
+    a sync actor's methods on the worker's main thread, so it holds while the worker lives."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -70,6 +72,7 @@ def die_with_raylet() -> None:
 
 @ray.remote(max_retries=0)
 def _shard_task(stage: str, cfg: Config, root: str, base_url, shard: int) -> dict:
+    die_with_raylet()
     return run_worker(WORKERS[stage](cfg, root, base_url), shard, stage)
 
 
@@ -77,6 +80,7 @@ def _shard_task(stage: str, cfg: Config, root: str, base_url, shard: int) -> dic
 def _dedup_task(step: str, cfg: Config, root: str, arg) -> dict:
     """One step of the dedup stage's global part: "hash" a shard, "verify" a candidate chunk, or the "global" pass
     (whose verification chunks run as more of these tasks, spread over the cluster)."""
+    die_with_raylet()
     worker = WORKERS["dedup"](cfg, root)
     if step == "hash":
         return worker.hash(arg)
@@ -124,9 +128,11 @@ class DedupBarrier:
 @ray.remote(max_restarts=0, max_task_retries=0)
 class _StageActor:
     def __init__(self, stage: str, cfg: Config, root: str, base_url):
+        die_with_raylet()
         self.stage, self.worker = stage, WORKERS[stage](cfg, root, base_url)
 
     def run(self, shard: int) -> dict:
+        die_with_raylet()
         return run_worker(self.worker, shard, self.stage)
 
 
