@@ -1,10 +1,11 @@
 """Where longcap's download spends CPU beyond img2dataset's own Downloader, one shard, one process, no Ray.
 
 Runs the same shard of N loopback URLs through (a) img2dataset's Downloader with its plain Resizer and (b)
-longcap's `download_shard` (the same Downloader behind the image check, the URL guard, then the key-ordered tar
-rewrite and the parquet commit), alternating, and reports CPU seconds (all threads of this process) per repeat;
-then one more untimed run of (b) under cProfile (main thread: where img2dataset resizes and longcap checks and
-rewrites), cumulative seconds of longcap's own functions, inflated by the profiler. CPU time, not wall time: the machine is shared.
+longcap's `download_shard` (the same Downloader behind the image check and the URL guard, writing through
+longcap's KeyOrderWriter, then the commit), alternating, and reports CPU seconds (all threads of this process)
+per repeat; then one more untimed run of (b) under cProfile (main thread: where img2dataset resizes and longcap
+checks and writes), cumulative seconds of longcap's own functions, inflated by the profiler. CPU time, not wall
+time: the machine is shared.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
     stats = pstats.Stats(prof)
     own = {}
     for (file, _, fn), (_, _, tt, ct, _) in stats.stats.items():
-        if "pipeline/" in file or fn in ("_sorted_tar", "check_image"):
+        if "pipeline/" in file:
             own[f"{Path(file).name}:{fn}"] = round(ct, 3)
     print(json.dumps({"longcap_functions_cumulative_s_per_shard": dict(sorted(own.items(), key=lambda x: -x[1])[:12])}))
 

@@ -1,20 +1,18 @@
 """Download stage: one shard of a URL list -> images/<shard>.tar (+ .parquet, _stats.json) via img2dataset.
 
 img2dataset's Downloader does the fetching, resizing and writing into a
-staging folder. longcap then (1) checks every image with a pixel limit read
-from the header before any decode and a strict full decode (truncated files
-fail), (2) puts the URL as given in the list back (relative URLs are fetched
-against a base URL), (3) orders rows and tar members by key so a rerun gives
-the same bytes, and (4) commits tar, stats and parquet by rename, parquet last.
+staging folder through longcap's KeyOrderWriter (shardwriter.py). longcap (1) checks every image with a
+pixel limit read from the header before any decode and a completeness check (truncated files fail), (2)
+writes the URL as given in the list (relative URLs are fetched against a base URL), (3) orders rows and tar
+members by key with fixed tar metadata so a rerun gives the same bytes, and (4) commits tar, stats and parquet
+by rename, parquet last.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import functools
 import math
 import os
-import tarfile
 import urllib.parse
 import uuid
 from collections import Counter
@@ -23,12 +21,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones 
 
 import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from .images import check_image  # noqa: E402
 from .records import download_reason  # noqa: E402
-from .storage import atomic_write_bytes, atomic_write_table, tmp_name  # noqa: E402
+from .shardwriter import KeyOrderWriter  # noqa: E402
+from .storage import atomic_write_bytes, atomic_write_table  # noqa: E402
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
 RESERVED = {"key", "url", "width", "height", "original_width", "original_height", "status",
@@ -87,7 +85,6 @@ def download_shard(shard_id: int, rows: pa.Table, images_dir: str, cfg, shard_si
     """
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
-    from img2dataset.writer import WebDatasetSampleWriter
 
     from .urlsafety import install
 
@@ -113,7 +110,8 @@ def download_shard(shard_id: int, rows: pa.Table, images_dir: str, cfg, shard_si
             max_image_area=cfg.max_image_area, max_aspect_ratio=cfg.max_aspect_ratio,
         )
         downloader = Downloader(
-            sample_writer_class=WebDatasetSampleWriter, resizer=CheckedResizer(resizer, cfg.max_image_area),
+            sample_writer_class=functools.partial(KeyOrderWriter, given=given, key_digits=key_digits(shard_size)),
+            resizer=CheckedResizer(resizer, cfg.max_image_area),
             thread_count=cfg.threads, save_caption="caption" in rows.column_names, extract_exif=True,
             output_folder=_url(fs, staging), column_list=rows.column_names, timeout=cfg.timeout,
             number_sample_per_shard=shard_size, oom_shard_count=SHARD_DIGITS, compute_hash="sha256",
@@ -124,7 +122,7 @@ def download_shard(shard_id: int, rows: pa.Table, images_dir: str, cfg, shard_si
         ok, _ = downloader((shard_id, _url(fs, input_file)))
         if not ok:
             raise RuntimeError(f"img2dataset failed on shard {name} (see the worker log for its traceback)")
-        return _finalize(fs, staging, root, name, given, shard_size, own_server)
+        return _finalize(fs, staging, root, name, len(given), own_server)
     finally:
         fs.rm(staging, recursive=True)
 
@@ -133,47 +131,21 @@ def _url(fs, path: str) -> str:
     return path if "file" in fs.protocol else fs.unstrip_protocol(path)
 
 
-def _finalize(fs, staging: str, root: str, name: str, given: list[str], shard_size: int, own_server: bool) -> dict:
-    k = key_digits(shard_size)
+def _finalize(fs, staging: str, root: str, name: str, expected: int, own_server: bool) -> dict:
     with fs.open(f"{staging}/{name}.parquet", "rb") as f:
-        meta = pq.read_table(f)
-    if meta.num_rows != len(given):
-        raise RuntimeError(f"shard {name}: img2dataset wrote {meta.num_rows} rows for {len(given)} URLs")
-    keys = meta["key"].to_pylist()
-    url_of = {key: given[int(key) % 10**k] for key in keys}
-    meta = meta.set_column(meta.column_names.index("url"), "url", pa.array([url_of[x] for x in keys], pa.string()))
-    meta = meta.take(pc.sort_indices(meta["key"]))
+        meta = pq.read_table(f)  # sorted by key, URLs as given (KeyOrderWriter)
+    if meta.num_rows != expected:
+        raise RuntimeError(f"shard {name}: img2dataset wrote {meta.num_rows} rows for {expected} URLs")
     reasons = Counter(download_reason(s, e) for s, e in zip(meta["status"].to_pylist(),
                                                              meta["error_message"].to_pylist()))
     if own_server and reasons.get("connection_error"):
         raise RuntimeError(f"shard {name}: the local image server stopped answering "
                            f"({reasons['connection_error']} connection errors); not committing")
-
-    tar_tmp = tmp_name(f"{root}/{name}.tar")
-    with fs.open(f"{staging}/{name}.tar", "rb") as src, fs.open(tar_tmp, "wb") as dst:
-        _sorted_tar(src, dst, url_of)
-    fs.mv(tar_tmp, f"{root}/{name}.tar")
+    fs.mv(f"{staging}/{name}.tar", f"{root}/{name}.tar")
     with fs.open(f"{staging}/{name}_stats.json", "rb") as f:
         atomic_write_bytes(_url(fs, f"{root}/{name}_stats.json"), f.read())
     atomic_write_table(_url(fs, f"{root}/{name}.parquet"), meta)  # the commit marker
     return {"rows": meta.num_rows, "ok": reasons.pop("ok", 0), "reasons": dict(reasons)}
-
-
-def _sorted_tar(src, dst, url_of: dict[str, str]) -> None:
-    """Copy a tar with members ordered by key, fixed metadata, and the list's URL in each .json."""
-    data = io.BytesIO(src.read()) if not hasattr(src, "seek") else src
-    with tarfile.open(fileobj=data, mode="r:") as tin, tarfile.open(fileobj=dst, mode="w", format=tarfile.USTAR_FORMAT) as tout:
-        members = sorted(tin.getmembers(), key=lambda m: (m.name.split(".", 1)[0], m.name))
-        for m in members:
-            payload = tin.extractfile(m).read()
-            key = m.name.split(".", 1)[0]
-            if m.name.endswith(".json") and key in url_of:
-                doc = json.loads(payload)
-                doc["url"] = url_of[key]
-                payload = json.dumps(doc, indent=4).encode()
-            info = tarfile.TarInfo(m.name)
-            info.size, info.mtime, info.mode = len(payload), 0, 0o444
-            tout.addfile(info, io.BytesIO(payload))
 
 
 def read_images_meta(images_dir: str, shard_id: int, columns=None) -> pa.Table:

@@ -1,11 +1,11 @@
 """Which hosts the download stage may fetch: not loopback, private, link-local, cloud-metadata or other
 special addresses unless the config allows their network (`download.allow_networks`).
 
-The check runs before any connection, on every request img2dataset makes (redirects included): the
-target host is resolved and every address it resolves to must be allowed; the connection then checks
-the host again right before connecting. A name that resolves differently between that check and the
-connect (DNS rebinding within milliseconds) is not covered: put the crawler behind an egress firewall
-for that.
+The check runs before any connection, on every connection img2dataset's requests open (redirects
+included): the host is resolved once, every address it resolves to must be allowed, and the socket is then
+connected to those checked addresses (not to the name again), so a name that resolves differently a moment
+later (DNS rebinding) cannot slip through. Through a proxy the connection goes to the proxy, and the target
+host is checked by name before the request instead.
 
 The same connections also bound the whole response in time: headers and body must arrive within the
 request's timeout, so a server that sends its body one byte at a time (each read within the timeout)
@@ -32,35 +32,61 @@ class BlockedAddress(ValueError):
     """Raised instead of connecting; img2dataset records its text, which starts with 'blocked'."""
 
 
+CGNAT = ipaddress.ip_network("100.64.0.0/10")
+
+
+@functools.lru_cache(maxsize=64)
+def _networks(allow: tuple) -> tuple:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in allow)
+
+
 def address_problem(ip: str, allow: tuple = ()) -> str | None:
     """Why an address may not be fetched (None: it may)."""
     addr = ipaddress.ip_address(ip.split("%")[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
-    if any(addr in ipaddress.ip_network(n, strict=False) for n in allow):
+    if any(addr in n for n in _networks(tuple(allow))):
         return None
     if addr in METADATA:
         return "cloud metadata service"
     for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
         if getattr(addr, f"is_{kind}"):
             return kind.replace("_", "-")
-    if addr in ipaddress.ip_network("100.64.0.0/10"):
+    if addr in CGNAT:
         return "shared (carrier-grade NAT)"
     return None
 
 
-def check_host(host: str, port: int | None, allow: tuple = ()) -> None:
-    """Resolve host; raise BlockedAddress if any address it resolves to is not allowed."""
-    try:
-        infos = socket.getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
-    except socket.gaierror:
-        return  # unresolvable: the connection fails on its own (connection_error)
+def checked_addresses(host: str, port: int | None, allow: tuple = ()) -> list[tuple]:
+    """Resolve host once: its socket addresses, or BlockedAddress if any of them is not allowed."""
+    infos = socket.getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
     for info in infos:
         ip = info[4][0]
         why = address_problem(ip, allow)
         if why:
             raise BlockedAddress(f"blocked: {host} resolves to {ip} ({why}); "
                                  f"allow its network in download.allow_networks to fetch it")
+    return [info[4] for info in infos]
+
+
+def check_host(host: str, port: int | None, allow: tuple = ()) -> None:
+    """Raise BlockedAddress if host resolves to an address that is not allowed (unresolvable: no error here,
+    the connection fails on its own)."""
+    try:
+        checked_addresses(host, port, allow)
+    except socket.gaierror:
+        pass
+
+
+def _connect_checked(allow: tuple, address: tuple, timeout, source_address=None):
+    """socket.create_connection, to the addresses the host was checked for."""
+    error = None
+    for sockaddr in checked_addresses(address[0], address[1], allow):
+        try:
+            return socket.create_connection(sockaddr[:2], timeout, source_address)
+        except OSError as e:
+            error = e
+    raise error
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -91,13 +117,11 @@ class DeadlineResponse(http.client.HTTPResponse):
         self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline, timeout))
 
 
-def _guarded(base):
+def _guarded(base, allow: tuple):
     class Guarded(base):
-        allow: tuple = ()
-
         def connect(self):
             if not getattr(self, "_tunnel_host", None):  # through a proxy the target was checked in *_open
-                check_host(self.host, self.port, self.allow)
+                self._create_connection = functools.partial(_connect_checked, allow)
             super().connect()
             if isinstance(self.timeout, (int, float)):  # the whole response within the timeout
                 self.response_class = functools.partial(DeadlineResponse, deadline=time.monotonic() + self.timeout,
@@ -105,30 +129,31 @@ def _guarded(base):
     return Guarded
 
 
-GuardedHTTPConnection = _guarded(http.client.HTTPConnection)
-GuardedHTTPSConnection = _guarded(http.client.HTTPSConnection)
-
-
 class _Guard:
-    """Checks the target host of every request (redirects are new requests) before opening it."""
+    """Opens every request (redirects are new requests) on a connection that checks its host; through a proxy,
+    checks the target host first."""
 
     def __init__(self, allow: tuple):
         super().__init__()
         self.allow = allow
+        self.conn = {base: _guarded(base, allow) for base in (http.client.HTTPConnection,
+                                                               http.client.HTTPSConnection)}
 
     def _open(self, req, base, **kw):
-        check_host(urllib.parse.urlsplit(req.full_url).hostname or "", None, self.allow)
-        return self.do_open(type("Conn", (base,), {"allow": self.allow}), req, **kw)
+        target = urllib.parse.urlsplit(req.full_url)
+        if req.host != target.netloc:  # a proxy: the connection goes there, not to the target
+            check_host(target.hostname or "", None, self.allow)
+        return self.do_open(self.conn[base], req, **kw)
 
 
 class GuardedHTTPHandler(_Guard, urllib.request.HTTPHandler):
     def http_open(self, req):
-        return self._open(req, GuardedHTTPConnection)
+        return self._open(req, http.client.HTTPConnection)
 
 
 class GuardedHTTPSHandler(_Guard, urllib.request.HTTPSHandler):
     def https_open(self, req):
-        return self._open(req, GuardedHTTPSConnection, context=self._context)
+        return self._open(req, http.client.HTTPSConnection, context=self._context)
 
 
 def install(allow: tuple) -> None:

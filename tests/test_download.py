@@ -212,3 +212,37 @@ def test_check_image_completeness_without_a_second_decode():
     Image.new("RGB", (300, 200), (10, 200, 30)).save(png, "PNG")
     assert check_image(io.BytesIO(png.getvalue()), 1e8) is None
     assert check_image(io.BytesIO(png.getvalue()[:-40]), 1e8) is not None
+
+
+def test_key_order_writer_sorts_out_of_order_samples_past_its_memory_spool(tmp_path, monkeypatch):
+    """img2dataset hands samples over in the order downloads finish; the shard comes out in key order, with
+    fixed tar metadata and the list's URLs, also when the spool has moved to disk."""
+    import functools
+    import json
+    import tarfile
+
+    from pipeline import shardwriter
+
+    monkeypatch.setattr(shardwriter, "SPOOL_BYTES", 1000)  # the spool rolls to a temp file after the first image
+    schema = pa.schema([("url", pa.string()), ("key", pa.string()), ("status", pa.string())])
+    given = [f"img/{i}.jpg" for i in range(4)]
+    writer = functools.partial(shardwriter.KeyOrderWriter, given=given, key_digits=1)(
+        7, str(tmp_path), True, 5, schema, "jpg")
+    for i in (3, 0, 2, 1):
+        ok = i != 2
+        writer.write(GOOD[i] if ok else None, f"0000007{i}", f"caption {i}",
+                     {"url": f"http://fetched/{i}", "key": f"0000007{i}", "status": "success" if ok else "failed"})
+    assert writer.spool._rolled
+    writer.close()
+
+    with tarfile.open(tmp_path / "00007.tar") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == [f"0000007{i}.{e}" for i in (0, 1, 3) for e in ("jpg", "json", "txt")]
+        assert {(m.mtime, m.mode, m.uid, m.uname) for m in members} == {(0, 0o444, 0, "")}
+        assert tar.extractfile("00000073.jpg").read() == GOOD[3]
+        assert tar.extractfile("00000071.txt").read() == b"caption 1"
+        assert json.loads(tar.extractfile("00000073.json").read())["url"] == "img/3.jpg"
+    meta = pq.read_table(tmp_path / "00007.parquet")
+    assert meta["key"].to_pylist() == [f"0000007{i}" for i in range(4)]
+    assert meta["url"].to_pylist() == given
+    assert meta["status"].to_pylist() == ["success", "success", "failed", "success"]

@@ -55,3 +55,42 @@ def test_installed_opener_refuses_http_and_https_before_connecting(monkeypatch):
                 urllib.request.urlopen(url, timeout=1)
     finally:
         urllib.request.install_opener(old)
+
+
+def test_host_resolved_once_and_connected_by_its_checked_address(tmp_path, monkeypatch):
+    """DNS rebinding: a name that resolves to an allowed address for the check and to the metadata service
+    afterwards is fetched from the checked address; the name is resolved once per connection."""
+    import socket
+    import urllib.request
+
+    from pipeline.urlsafety import install
+    from workflows.serve import serve_folder
+
+    (tmp_path / "x.jpg").write_bytes(b"checked")
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.create_connection
+    lookups = []
+
+    def rebinding(host, port, *a, **k):
+        if host != "rebind.test":
+            return real_getaddrinfo(host, port, *a, **k)
+        lookups.append(host)
+        ip = "127.0.0.1" if len(lookups) == 1 else "169.254.169.254"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port))]
+
+    def loopback_only(address, *a, **k):  # never let a connection leave loopback, even if the guard regressed
+        assert address[0] == "127.0.0.1", f"connection attempted to {address}"
+        return real_connect(address, *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(socket, "create_connection", loopback_only)
+    old = urllib.request._opener
+    try:
+        install(("127.0.0.1/32",))
+        with serve_folder(str(tmp_path)) as base:
+            port = base.rsplit(":", 1)[1].strip("/")
+            assert urllib.request.urlopen(f"http://rebind.test:{port}/x.jpg", timeout=5).read() == b"checked"
+            assert lookups == ["rebind.test"]
+            with pytest.raises(BlockedAddress, match=r"^blocked: rebind.test resolves to 169.254.169.254"):
+                urllib.request.urlopen(f"http://rebind.test:{port}/x.jpg", timeout=5)
+    finally:
+        urllib.request.install_opener(old)
