@@ -41,25 +41,29 @@ class KeyOrderWriter:
         for k, v in meta.items():  # as img2dataset's writer: some values are arrays
             if isinstance(v, np.ndarray):
                 meta[k] = v.tolist()
+        files = {}
+        if img_str is not None:  # everything is encoded before anything is kept: a row never lacks its files
+            # default=str: an input column of dates or decimals goes into the .json as text (img2dataset's
+            # writer raised on it and lost the row); the parquet keeps the typed value
+            files = {self.ext: img_str, "json": json.dumps(meta, indent=4, default=str).encode()}
+            if self.save_caption:
+                files["txt"] = (str(caption) if caption is not None else "").encode()
         self.rows.append(meta)
-        if img_str is None:
-            return
-        files = {self.ext: img_str, "json": json.dumps(meta, indent=4).encode()}
-        if self.save_caption:
-            files["txt"] = (str(caption) if caption is not None else "").encode()
         for ext, payload in files.items():
             self.members.append((f"{key}.{ext}", self.spool.tell(), len(payload)))
             self.spool.write(payload)
 
     def close(self) -> None:
-        rows = sorted(self.rows, key=lambda r: r["key"])
-        with self.fs.open(f"{self.folder}/{self.name}.parquet", "wb") as f:
-            pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), f)
-        with self.fs.open(f"{self.folder}/{self.name}.tar", "wb") as f, \
-                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, offset, size in sorted(self.members, key=lambda m: (m[0].split(".", 1)[0], m[0])):
-                self.spool.seek(offset)
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = size, 0, 0o444
-                tar.addfile(info, io.BytesIO(self.spool.read(size)))
-        self.spool.close()
+        try:
+            rows = sorted(self.rows, key=lambda r: r["key"])
+            with self.fs.open(f"{self.folder}/{self.name}.parquet", "wb") as f:
+                pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), f)
+            with self.fs.open(f"{self.folder}/{self.name}.tar", "wb") as f, \
+                    tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for name, offset, size in sorted(self.members, key=lambda m: (m[0].split(".", 1)[0], m[0])):
+                    self.spool.seek(offset)
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = size, 0, 0o444
+                    tar.addfile(info, io.BytesIO(self.spool.read(size)))
+        finally:
+            self.spool.close()

@@ -5,7 +5,8 @@ The check runs before any connection, on every connection img2dataset's requests
 included): the host is resolved once, every address it resolves to must be allowed, and the socket is then
 connected to those checked addresses (not to the name again), so a name that resolves differently a moment
 later (DNS rebinding) cannot slip through. Through a proxy the connection goes to the proxy, and the target
-host is checked by name before the request instead.
+host is checked by name before the request instead (a name that does not resolve here is blocked). ftp:// and
+file:// URLs are never fetched, also after a redirect.
 
 The same connections also bound the whole response in time: headers and body must arrive within the
 request's timeout, so a server that sends its body one byte at a time (each read within the timeout)
@@ -80,7 +81,7 @@ def check_host(host: str, port: int | None, allow: tuple = ()) -> None:
 
 def _connect_checked(allow: tuple, address: tuple, timeout, source_address=None):
     """socket.create_connection, to the addresses the host was checked for."""
-    error = None
+    error = OSError(f"{address[0]} resolves to no address")
     for sockaddr in checked_addresses(address[0], address[1], allow):
         try:
             return socket.create_connection(sockaddr[:2], timeout, source_address)
@@ -117,10 +118,12 @@ class DeadlineResponse(http.client.HTTPResponse):
         self.fp = io.BufferedReader(_DeadlineReader(self.fp.detach(), sock, deadline, timeout))
 
 
-def _guarded(base, allow: tuple):
+def _guarded(base, allow: tuple | None):
+    """A connection class whose socket goes only to checked addresses (allow None: no check, the connection
+    goes to a proxy); either way the whole response must arrive within the timeout."""
     class Guarded(base):
         def connect(self):
-            if not getattr(self, "_tunnel_host", None):  # through a proxy the target was checked in *_open
+            if allow is not None:
                 self._create_connection = functools.partial(_connect_checked, allow)
             super().connect()
             if isinstance(self.timeout, (int, float)):  # the whole response within the timeout
@@ -130,20 +133,26 @@ def _guarded(base, allow: tuple):
 
 
 class _Guard:
-    """Opens every request (redirects are new requests) on a connection that checks its host; through a proxy,
-    checks the target host first."""
+    """Opens every request (redirects are new requests) on a connection that checks its host. Through a proxy
+    (the connection goes to the proxy, which resolves the target itself) the target host is checked by name
+    first, as the proxy will get it, and a name that does not resolve here is blocked."""
 
     def __init__(self, allow: tuple):
         super().__init__()
         self.allow = allow
-        self.conn = {base: _guarded(base, allow) for base in (http.client.HTTPConnection,
-                                                               http.client.HTTPSConnection)}
+        self.conn = {(base, proxied): _guarded(base, None if proxied else allow)
+                     for base in (http.client.HTTPConnection, http.client.HTTPSConnection) for proxied in (False, True)}
 
     def _open(self, req, base, **kw):
-        target = urllib.parse.urlsplit(req.full_url)
-        if req.host != target.netloc:  # a proxy: the connection goes there, not to the target
-            check_host(target.hostname or "", None, self.allow)
-        return self.do_open(self.conn[base], req, **kw)
+        proxied = req.has_proxy() or bool(getattr(req, "_tunnel_host", None))
+        if proxied:
+            host = urllib.parse.unquote(urllib.parse.urlsplit(req.full_url).hostname or "")
+            try:
+                checked_addresses(host, None, self.allow)
+            except socket.gaierror:
+                raise BlockedAddress(f"blocked: {host} does not resolve here, so it cannot be checked before "
+                                     "the proxy fetches it") from None
+        return self.do_open(self.conn[base, proxied], req, **kw)
 
 
 class GuardedHTTPHandler(_Guard, urllib.request.HTTPHandler):
@@ -156,6 +165,21 @@ class GuardedHTTPSHandler(_Guard, urllib.request.HTTPSHandler):
         return self._open(req, http.client.HTTPSConnection, context=self._context)
 
 
+class NoFTP(urllib.request.FTPHandler):
+    """ftp:// is never fetched (urllib follows redirects to it, and ftplib connects unchecked)."""
+
+    def ftp_open(self, req):
+        raise BlockedAddress(f"blocked: {req.full_url} is an ftp:// URL; only http(s) is fetched")
+
+
+class NoFile(urllib.request.FileHandler):
+    """file:// is never read (a URL list could name files of the worker's disk)."""
+
+    def file_open(self, req):
+        raise BlockedAddress(f"blocked: {req.full_url} is a file:// URL; only http(s) is fetched")
+
+
 def install(allow: tuple) -> None:
     """Make urllib (which img2dataset fetches with) check every request of this process."""
-    urllib.request.install_opener(urllib.request.build_opener(GuardedHTTPHandler(allow), GuardedHTTPSHandler(allow)))
+    urllib.request.install_opener(urllib.request.build_opener(GuardedHTTPHandler(allow), GuardedHTTPSHandler(allow),
+                                                              NoFTP(), NoFile()))

@@ -246,3 +246,25 @@ def test_key_order_writer_sorts_out_of_order_samples_past_its_memory_spool(tmp_p
     assert meta["key"].to_pylist() == [f"0000007{i}" for i in range(4)]
     assert meta["url"].to_pylist() == given
     assert meta["status"].to_pylist() == ["success", "success", "failed", "success"]
+
+
+def test_key_order_writer_keeps_rows_whose_columns_json_cannot_encode(tmp_path):
+    """An input column of dates: img2dataset's own writer raised on it and lost the row (the shard then failed
+    its row count); the .json gets the text, the parquet the typed value."""
+    import datetime
+    import functools
+    import json
+    import tarfile
+
+    from pipeline.shardwriter import KeyOrderWriter
+
+    schema = pa.schema([("url", pa.string()), ("taken", pa.date32()), ("key", pa.string()), ("status", pa.string())])
+    writer = functools.partial(KeyOrderWriter, given=["a.jpg"], key_digits=0)(4, str(tmp_path), False, 5, schema,
+                                                                               "jpg")
+    day = datetime.date(2024, 5, 1)
+    writer.write(GOOD[0], "00004", None, {"url": "http://x/a.jpg", "taken": day, "key": "00004", "status": "success"})
+    writer.close()
+    with tarfile.open(tmp_path / "00004.tar") as tar:
+        assert [m.name for m in tar.getmembers()] == ["00004.jpg", "00004.json"]
+        assert json.loads(tar.extractfile("00004.json").read())["taken"] == "2024-05-01"
+    assert pq.read_table(tmp_path / "00004.parquet")["taken"].to_pylist() == [day]

@@ -50,7 +50,8 @@ def test_installed_opener_refuses_http_and_https_before_connecting(monkeypatch):
     old = urllib.request._opener
     try:
         install(())
-        for url in ("http://169.254.169.254/latest/meta-data/", "https://127.0.0.1:8443/x.jpg", "http://[::1]/x"):
+        for url in ("http://169.254.169.254/latest/meta-data/", "https://127.0.0.1:8443/x.jpg", "http://[::1]/x",
+                    "ftp://127.0.0.1/x.jpg", "file:///etc/hostname"):
             with pytest.raises(BlockedAddress, match="^blocked: "):
                 urllib.request.urlopen(url, timeout=1)
     finally:
@@ -92,5 +93,55 @@ def test_host_resolved_once_and_connected_by_its_checked_address(tmp_path, monke
             assert lookups == ["rebind.test"]
             with pytest.raises(BlockedAddress, match=r"^blocked: rebind.test resolves to 169.254.169.254"):
                 urllib.request.urlopen(f"http://rebind.test:{port}/x.jpg", timeout=5)
+    finally:
+        urllib.request.install_opener(old)
+
+
+def test_through_a_proxy_the_target_is_checked_as_the_proxy_gets_it_and_the_proxy_is_not(monkeypatch):
+    """A proxy on a network the config does not allow still carries allowed targets; a target the proxy would
+    reach at a blocked address is refused before any connection, also percent-encoded or unresolvable here."""
+    import socket
+    import urllib.request
+
+    from http_helpers import QuietHandler
+    from pipeline.urlsafety import install
+    from workflows.serve import serve
+
+    class Proxy(QuietHandler):
+        def do_GET(self):  # noqa: N802
+            self._send(200, b"via proxy " + self.path.encode(), "text/plain")
+
+    real_connect = socket.create_connection
+    connected = []
+
+    def loopback_only(address, *a, **k):
+        assert address[0] == "127.0.0.1", f"connection attempted to {address}"
+        connected.append(address)
+        return real_connect(address, *a, **k)
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def no_dns(host, *a, **k):  # a name only the proxy's DNS knows, without asking any DNS server
+        if host == "internal.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_getaddrinfo(host, *a, **k)
+
+    monkeypatch.setattr(socket, "create_connection", loopback_only)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    old = urllib.request._opener
+    try:
+        with serve(Proxy) as proxy:
+            monkeypatch.setenv("http_proxy", proxy)
+            monkeypatch.delenv("no_proxy", raising=False)
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            install(("127.0.0.2/32",))  # the target's address only: the proxy (127.0.0.1) is not allowed
+            body = urllib.request.urlopen("http://127.0.0.2:9/x.jpg", timeout=5).read()
+            assert body == b"via proxy http://127.0.0.2:9/x.jpg" and len(connected) == 1
+            for url, why in (("http://%31%36%39.254.169.254/latest/", "cloud metadata"),
+                             ("http://127.0.0.3/x.jpg", "loopback"),
+                             ("http://internal.example/x.jpg", "does not resolve here")):
+                with pytest.raises(BlockedAddress, match=f"^blocked: .*{why}"):
+                    urllib.request.urlopen(url, timeout=5)
+            assert len(connected) == 1
     finally:
         urllib.request.install_opener(old)
