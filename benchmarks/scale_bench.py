@@ -44,7 +44,8 @@ def dry_table(stage: str, shard: int):
         return pa.table({"key": keys, "status": ["success"] * (ROWS - 1) + ["failed_to_download"],
                          "error_message": [None] * (ROWS - 1) + ["HTTP Error 404: Not Found"]})
     if stage == "export":
-        return pa.table({"key": keys, "exported": [True] * (ROWS - 1) + [False], "tar": [f"{shard:05d}.tar"] * ROWS,
+        return pa.table({"key": keys, "shard": [f"{shard:05d}"] * ROWS, "exported": [True] * (ROWS - 1) + [False],
+                         "tar": [f"{shard:05d}.tar"] * ROWS,
                          "reasons": [[]] * (ROWS - 1) + [["no image: http_404"]]})
     return pa.table({"key": keys, "status": ["ok"] * (ROWS - 1) + ["skipped"],
                      "error": [None] * (ROWS - 1) + ["no image (http_404)"]})
