@@ -70,15 +70,6 @@ def checked_addresses(host: str, port: int | None, allow: tuple = ()) -> list[tu
     return [info[4] for info in infos]
 
 
-def check_host(host: str, port: int | None, allow: tuple = ()) -> None:
-    """Raise BlockedAddress if host resolves to an address that is not allowed (unresolvable: no error here,
-    the connection fails on its own)."""
-    try:
-        checked_addresses(host, port, allow)
-    except socket.gaierror:
-        pass
-
-
 def _connect_checked(allow: tuple, address: tuple, timeout, source_address=None):
     """socket.create_connection, to the addresses the host was checked for."""
     error = OSError(f"{address[0]} resolves to no address")

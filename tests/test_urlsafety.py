@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.urlsafety import BlockedAddress, address_problem, check_host
+from pipeline.urlsafety import BlockedAddress, address_problem, checked_addresses
 
 from conftest import demo_config
 
@@ -23,8 +23,8 @@ def test_allowed_networks_and_names():
     assert address_problem("127.0.0.5", ("127.0.0.1/32",)) == "loopback"
     assert address_problem("169.254.169.254", ("10.0.0.0/8",)) == "cloud metadata service"
     with pytest.raises(BlockedAddress, match=r"^blocked: localhost resolves to .* \(loopback\)"):
-        check_host("localhost", 80)
-    check_host("localhost", 80, ("127.0.0.0/8", "::1/128"))
+        checked_addresses("localhost", 80)
+    checked_addresses("localhost", 80, ("127.0.0.0/8", "::1/128"))
 
 
 def test_config_requires_the_loopback_opt_in_for_local_servers(tmp_path):
